@@ -1,0 +1,32 @@
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench paper clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python pipelines/full.py --config configs/quick.yaml
+
+test: $(STAMP)
+	$(BIN)/ruff check xai_core pipelines tests bench
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check xai_core pipelines tests bench
+
+bench: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/python -m bench.attribution
+
+paper: $(STAMP)
+	$(BIN)/python pipelines/full.py --config configs/paper.yaml
+
+clean:
+	rm -rf $(VENV)
