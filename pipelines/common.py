@@ -1,0 +1,105 @@
+"""Pieces every stage shares: Ray resource plan, device choice, model checkpoints, batch conversion."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from xai_core.models import build_model, load_state_dict_checked
+
+
+@dataclass(frozen=True)
+class ResourcePlan:
+    """Ray resources for every stage, computed in one place from the cluster's CPU count.
+
+    RAY_NOTES: an actor pool or a trainer that takes every CPU starves Ray Data's read tasks and hangs.
+    """
+
+    cluster_cpus: float
+    train_worker_cpus: float
+    actors: int
+    actor_cpus: float
+    tune_concurrency: int
+    tune_trial_cpus: float
+
+
+def resource_plan(cluster_cpus: float, num_workers: int, actors: int = 0) -> ResourcePlan:
+    """Leave at least one CPU for Ray Data reads; train workers and actors take fractions."""
+    spare = max(cluster_cpus - 1.0, 0.5)
+    worker_cpus = max(min(1.0, spare / max(num_workers, 1)), 0.25)
+    n_actors = actors or max(1, int(cluster_cpus) - 1)
+    actor_cpus = max(min(1.0, spare / n_actors), 0.25)
+    concurrency = max(1, int(spare))
+    return ResourcePlan(cluster_cpus, worker_cpus, n_actors, actor_cpus, concurrency,
+                        max(min(1.0, spare / concurrency), 0.25))
+
+
+def pick_device(choice: str = "auto") -> torch.device:
+    """cuda if asked for (or available under "auto"), else cpu; a missing GPU asked for is an error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is visible to this worker")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_model(cfg: Any) -> torch.nn.Module:
+    """The configured architecture, with the config's layer choices attached for explain()."""
+    kw = {"width": cfg.model.width} if cfg.model.arch == "small_resnet" else {}
+    model = build_model(cfg.model.arch, cfg.data.num_classes, **kw)
+    if cfg.model.layers:
+        model.default_layers = list(cfg.model.layers)
+    if cfg.model.cam_layer:
+        model.cam_layer = cfg.model.cam_layer
+    return model
+
+
+def state_bytes(obj: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def load_state(data: bytes | str, source: str = "checkpoint") -> dict:
+    """torch.load with weights_only=True (no pickle execution); errors name the source."""
+    try:
+        f = io.BytesIO(data) if isinstance(data, bytes) else data
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file named
+        raise ValueError(f"cannot load {source}: {type(e).__name__}: {e}") from e
+
+
+def load_model(cfg: Any, data: bytes | str, source: str = "checkpoint") -> torch.nn.Module:
+    """A model of the configured architecture with weights from a checkpoint, in eval mode."""
+    state = load_state(data, source)
+    model = make_model(cfg)
+    try:
+        load_state_dict_checked(model, state["model"] if "model" in state else state)
+    except ValueError as e:
+        raise ValueError(f"{source} does not fit model.arch={cfg.model.arch!r}: {e}") from e
+    return model.eval()
+
+
+def to_tensors(batch: dict[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """A numpy batch from Ray Data/Parquet -> tensors; uint8 images -> float in [0,1]."""
+    out = {}
+    for k, v in batch.items():
+        if not isinstance(v, np.ndarray) or v.dtype == object:
+            continue
+        t = torch.from_numpy(np.ascontiguousarray(v))
+        if k in ("image", "x_adv") and t.dtype == torch.uint8:
+            t = t.float() / 255.0
+        out[k] = t.to(device)
+    return out
+
+
+def set_threads(n: int) -> None:
+    if n > 0:
+        torch.set_num_threads(n)
+    elif os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))

@@ -1,0 +1,277 @@
+"""The pipeline's one typed config: YAML file + ``--set a.b=c`` overrides, validated before Ray starts.
+
+Every default lives here (or in the xai_core function signatures the fields are passed to).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ("ingest", "train", "sweep", "evaluate", "report")
+MODES = ("erm", "consistency", "scaat")
+EVAL_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradcam",
+                "gradcam_pp", "layercam", "gradcam_thresholded", "tif", "haf")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run: names the key, the bad value and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["biased_shapes", "folder"] = "biased_shapes"
+    n_train: int = Field(4000, ge=8)
+    n_val: int = Field(256, ge=4)
+    n_test: int = Field(512, ge=4)
+    n_dwsol: int = Field(128, ge=0)
+    size: int = Field(64, ge=16, le=1024)
+    num_classes: int = Field(6, ge=2, le=6)
+    bias: float = Field(0.9, ge=0.0, le=1.0)
+    contrast: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int = 0
+    folder: str | None = None  # ImageFolder root (source: folder); test split = a held-out fraction
+    mask_dir: str | None = None
+    boxes_file: str | None = None
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    on_bad_input: Literal["fail", "skip"] = "fail"
+    rows_per_shard: int = Field(2048, ge=16)
+
+    @model_validator(mode="after")
+    def _folder_needs_path(self) -> DataConfig:
+        if self.source == "folder" and not self.folder:
+            raise ValueError("data.folder must name an image folder when data.source is 'folder'")
+        return self
+
+
+class ModelConfig(_Section):
+    arch: str = "small_resnet"
+    width: int = Field(16, ge=4, le=256)
+    layers: list[str] | None = None  # TIF/HAF layers; None -> the model's default_layers
+    cam_layer: str | None = None
+
+
+class TrainConfig(_Section):
+    modes: list[Literal["erm", "consistency", "scaat"]] = ["erm", "consistency", "scaat"]
+    seeds: list[int] = [0]
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    num_workers: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: bool = False
+    placement: Literal["PACK", "SPREAD"] = "PACK"
+    max_failures: int = Field(2, ge=0)
+    threads_per_worker: int = Field(0, ge=0)  # 0: Ray's default (OMP_NUM_THREADS from the worker's CPUs)
+
+
+class ConsistencyConfig(_Section):
+    """METHODS §5a; round 0 is the ERM model at epoch `train.epochs - (rounds-1) * round_epochs`."""
+
+    rounds: int = Field(3, ge=2)
+    round_epochs: int = Field(2, ge=1)
+    mask_source: Literal["cam", "ground_truth"] = "cam"
+    tau: float = Field(0.5, ge=0, le=1)
+    eps: float = Field(8 / 255, ge=0, le=1)
+    step_size: float = Field(2 / 255, gt=0, le=1)
+    steps: int = Field(5, ge=1)
+    similarity: Literal["cosine", "pearson", "js"] = "cosine"
+    power: float = Field(1.0, gt=0)
+    w_min: float = Field(0.1, ge=0, lt=1)
+
+
+class ScaatConfig(_Section):
+    """METHODS §5b."""
+
+    keep: float = Field(0.5, gt=0, lt=1)
+    eps: float = Field(8 / 255, ge=0, le=1)
+    eps_min: float = Field(1 / 255, ge=0, le=1)
+    steps: int = Field(3, ge=1)
+    lam: float = Field(1.0, ge=0)
+
+
+class PrecomputeConfig(_Section):
+    actors: int = Field(0, ge=0)  # 0: one fewer than the cluster's CPUs (RAY_NOTES), at least 1
+    batch_size: int = Field(128, ge=1)
+
+
+class EvaluateConfig(_Section):
+    methods: list[str] = list(EVAL_METHODS)
+    n_test: int = Field(256, ge=1)  # test images evaluated per model (first n of the test split)
+    n_dwsol: int = Field(64, ge=0)
+    batch_size: int = Field(64, ge=1)
+    tif_base: Literal["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"] = \
+        "input_x_gradient"
+    tif_alpha: float = Field(0.25, ge=0, le=1)  # replaced by the sweep's best alpha when it ran
+    haf_steps: int = Field(30, ge=1)
+    ig_steps: int = Field(16, ge=1)
+    smoothgrad_samples: int = Field(16, ge=1)
+    deletion_steps: int = Field(32, ge=1)
+    pgd_eps: list[float] = [2 / 255, 8 / 255]
+    pgd_steps: int = Field(10, ge=1)
+    detection_images: int = Field(128, ge=0)  # METHODS §3b; 0 turns it off
+    randomisation_images: int = Field(16, ge=0)  # METHODS §6 sanity check; 0 turns it off
+    figure_images: int = Field(4, ge=1, le=16)
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in EVAL_METHODS]
+        if bad:
+            raise ValueError(f"unknown method(s) {bad}; allowed: {', '.join(EVAL_METHODS)}")
+        return v
+
+
+class SweepConfig(_Section):
+    enabled: bool = True
+    alphas: list[float] = [0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9]
+    metric: Literal["iou", "energy_pointing_game", "pointing_game"] = "iou"
+    n_val: int = Field(128, ge=4)
+    model: Literal["erm", "consistency", "scaat"] = "erm"
+    # Optional sweep over training knobs (each trial a TorchTrainer under Tune with ASHA).
+    train_mode: Literal["consistency", "scaat"] | None = None
+    train_space: dict[str, list[Any]] = {}
+    train_trials: int = Field(4, ge=1)
+    train_epochs: int = Field(4, ge=1)
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas_in_range(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not 0.0 <= a <= 1.0]
+        if bad or not v:
+            raise ValueError(f"alphas {bad or v} out of range: each alpha must be in [0, 1], at least one")
+        return v
+
+
+class StorageConfig(_Section):
+    uri: str = "runs"  # local directory (relative to the repo root) or s3://bucket/prefix
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for a test endpoint
+    s3_region: str = "us-east-1"
+
+
+class TrackingConfig(_Section):
+    uri: str | None = None  # None: sqlite:///<repo>/mlflow.db
+    experiment: str = "xai-ray"
+    register_models: bool = True
+
+
+class RayConfig(_Section):
+    address: str | None = None  # None: RAY_ADDRESS / a job's cluster, else a local one
+    num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local cluster; None: 2x physical
+
+
+class Config(_Section):
+    name: str = Field("quick", pattern=r"^[A-Za-z0-9_.-]+$")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    consistency: ConsistencyConfig = ConsistencyConfig()
+    scaat: ScaatConfig = ScaatConfig()
+    precompute: PrecomputeConfig = PrecomputeConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    sweep: SweepConfig = SweepConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _rounds_fit(self) -> Config:
+        c = self.consistency
+        if "consistency" in self.train.modes:
+            if "erm" not in self.train.modes:
+                raise ValueError("train.modes: 'consistency' starts from the ERM model, so 'erm' must be "
+                                 "in train.modes too")
+            if (c.rounds - 1) * c.round_epochs >= self.train.epochs:
+                raise ValueError(f"consistency.rounds={c.rounds} x consistency.round_epochs={c.round_epochs}"
+                                 f" leaves no ERM warm-up within train.epochs={self.train.epochs}: need "
+                                 "(rounds - 1) * round_epochs < train.epochs")
+        if self.sweep.model not in self.train.modes:
+            raise ValueError(f"sweep.model={self.sweep.model!r} is not trained: train.modes="
+                             f"{self.train.modes}")
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """A short hash of the named sections: a stage's output is valid only for the same inputs."""
+        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to a nested dict."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key.path=value, e.g. train.epochs=3")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node = data
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"--set {assignment!r}: {p!r} is a value, not a section")
+        node = nxt
+    node[parts[-1]] = _parse_value(raw)
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            parent = _section_for(e["loc"][:-1])
+            allowed = ", ".join(parent.model_fields) if parent else "see configs/quick.yaml"
+            lines.append(f"  {loc}: unknown key; allowed keys here: {allowed}")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def _section_for(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for p in loc:
+        field = model.model_fields.get(str(p))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults), apply overrides, validate; ConfigError names bad keys."""
+    data: dict = {}
+    source = "defaults"
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; shipped configs: "
+                              f"{', '.join(sorted(x.name for x in (ROOT / 'configs').glob('*.yaml')))}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got "
+                              f"{type(data).__name__}")
+        source = str(p)
+    for ov in overrides or []:
+        apply_override(data, ov)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None

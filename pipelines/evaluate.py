@@ -1,0 +1,260 @@
+"""Stage evaluate: a Ray Data actor stage computing, for every trained model and every configured method,
+maps and per-sample metrics on the test split (accuracy, PGD robustness, localisation, faithfulness,
+sparseness) and the D-WSOL split (METHODS §3a); dataset-level checks (adversarial detection §3b,
+model randomisation §6) run on the driver. Output: evaluate/{test,dwsol}/*.parquet, summary.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines import ingest
+from pipelines import storage as st
+
+log = logging.getLogger("xai.evaluate")
+STAGE = "evaluate"
+
+
+def method_options(cfg: Any, method: str, alpha: float, seed: int = 0) -> dict[str, Any]:
+    """explain() options of a method under this config (one place for the evaluate and report stages)."""
+    e = cfg.evaluate
+    layers = cfg.model.layers
+    if method == "integrated_gradients":
+        return {"n_steps": e.ig_steps, "internal_batch_size": 1024}
+    if method == "smoothgrad":
+        return {"n_samples": e.smoothgrad_samples, "generator": torch.Generator().manual_seed(seed),
+                "internal_batch_size": 1024}
+    if method == "tif":
+        return {"base": e.tif_base, "alpha": alpha, **({"layers": layers} if layers else {})}
+    if method == "gradcam_thresholded":
+        return {"alpha": alpha}
+    if method == "haf":
+        return {"steps": e.haf_steps, **({"layers": layers[-2:]} if layers else {})}
+    return {}
+
+
+def explain_fn(cfg: Any, method: str, alpha: float, seed: int = 0) -> Any:
+    from xai_core.attribution import explain
+
+    def fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return explain(model, x, target, method=method, **method_options(cfg, method, alpha, seed)).detach()
+    return fn
+
+
+class EvalActor:
+    """Ray Data class UDF: loads every model once; one output row per (sample, model, method)."""
+
+    def __init__(self, cfg_json: dict, storage: list, models: dict[str, str], alpha: float, split: str,
+                 threads: int = 1) -> None:
+        from pipelines.common import load_model, pick_device
+        from pipelines.config import Config
+
+        torch.set_num_threads(max(1, threads))
+        self.cfg = Config.model_validate(cfg_json)
+        self.device = pick_device(self.cfg.train.device)
+        store = st.Storage(*storage)
+        self.models = {k: load_model(self.cfg, store.read_bytes(p), p).to(self.device) for k, p in models.items()}
+        self.alpha, self.split = alpha, split
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.enable_grad():
+            return self._dwsol(batch) if self.split == "dwsol" else self._test(batch)
+
+    def _rows(self, batch: dict, key: str, method: str, cols: dict[str, torch.Tensor]) -> dict:
+        n = len(batch["idx"])
+        mode, seed = key.rsplit("_s", 1)
+        return {"idx": batch["idx"], "group": batch.get("group", np.full(n, -1)),
+                "model": np.array([key] * n), "mode": np.array([mode] * n), "seed": np.full(n, int(seed)),
+                "method": np.array([method] * n),
+                **{k: v.detach().float().cpu().numpy() for k, v in cols.items()}}
+
+    def _test(self, batch: dict) -> dict:
+        from pipelines.common import to_tensors
+        from xai_core.metrics import (
+            deletion_auc,
+            energy_pointing_game,
+            gini,
+            insertion_auc,
+            localisation_iou,
+            pointing_game,
+            wsss_miou,
+        )
+        from xai_core.perturb import pgd
+
+        e = self.cfg.evaluate
+        t = to_tensors(batch, self.device)
+        x, y, mask = t["image"], t["label"].long(), t["mask"].bool()
+        gen = torch.Generator().manual_seed(int(batch["idx"][0]))
+        out: list[dict] = []
+        for key, model in self.models.items():
+            with torch.no_grad():
+                correct = (model(x).argmax(1) == y).float()
+            acc_cols = {"correct": correct}
+            for eps in e.pgd_eps:
+                xa = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=e.pgd_steps, generator=gen)
+                with torch.no_grad():
+                    acc_cols[f"robust_acc_{round(eps * 255)}"] = (model(xa).argmax(1) == y).float()
+            out.append(self._rows(batch, key, "none", acc_cols))
+            for method in e.methods:
+                maps = explain_fn(self.cfg, method, self.alpha)(model, x, y)
+                d_auc, d_curve = deletion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
+                i_auc, i_curve = insertion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
+                cols = {"pointing_game": pointing_game(maps, mask),
+                        "energy_pointing_game": energy_pointing_game(maps, mask),
+                        "iou": localisation_iou(maps, mask), "gini": gini(maps),
+                        "deletion_auc": d_auc, "insertion_auc": i_auc,
+                        "deletion_auc_random": deletion_auc(model, x, maps, y, n_steps=e.deletion_steps,
+                                                            order="random", generator=gen),
+                        "wsss_miou": wsss_miou(maps, mask), "correct": correct}
+                rows = self._rows(batch, key, method, cols)
+                rows["deletion_curve"] = d_curve.float().cpu().numpy()
+                rows["insertion_curve"] = i_curve.float().cpu().numpy()
+                out.append(rows)
+        return _concat(out)
+
+    def _dwsol(self, batch: dict) -> dict:
+        from pipelines.common import to_tensors
+        from xai_core.metrics.dwsol import dwsol
+
+        t = to_tensors(batch, self.device)
+        out = []
+        for key, model in self.models.items():
+            for method in self.cfg.evaluate.methods:
+                res = dwsol(model, t["image"], t["label"].long(), t["label2"].long(), t["mask"].bool(),
+                            t["mask2"].bool(), explain_fn(self.cfg, method, self.alpha))
+                out.append(self._rows(batch, key, method, {k: v for k, v in res.items()}))
+        return _concat(out)
+
+
+def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
+    keys = list(dict.fromkeys(k for p in parts for k in p))
+    n = [len(p["idx"]) for p in parts]
+    out = {}
+    for k in keys:
+        chunks = []
+        for p, m in zip(parts, n):
+            if k in p:
+                chunks.append(np.asarray(p[k]))
+            else:
+                ref = next(q[k] for q in parts if k in q)
+                chunks.append(np.full((m, *np.asarray(ref).shape[1:]), np.nan, np.float32))
+        out[k] = np.concatenate(chunks)
+    return out
+
+
+def config_hash(cfg: Any, alpha: float) -> str:
+    return cfg.section_hash("data", "model", "train", "consistency", "scaat", "evaluate") + f"-a{alpha:.4f}"
+
+
+def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict, alpha: float,
+        tracker: Any, stage_run: str, plan: Any, force: bool = False) -> tuple[dict, bool]:
+    import ray.data
+
+    h = config_hash(cfg, alpha)
+    if not force and (m := st.committed(store, STAGE, h)):
+        return m, False
+    st.begin(store, STAGE)
+    models = {k: p for k, p in train_manifest["files"].items()}
+    files, rows = {}, {}
+    splits = [("test", cfg.evaluate.n_test)] + ([("dwsol", cfg.evaluate.n_dwsol)]
+                                              if cfg.evaluate.n_dwsol and "dwsol" in ingest_manifest["files"] else [])
+    for split, limit in splits:
+        src = ingest.read_split(store, ingest_manifest, split).limit(limit)
+        out = src.map_batches(
+            EvalActor, fn_constructor_kwargs={
+                "cfg_json": cfg.model_dump(mode="json"), "models": models, "alpha": alpha, "split": split,
+                "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
+                "threads": max(1, int(plan.actor_cpus))},
+            compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
+            batch_size=cfg.evaluate.batch_size, batch_format="numpy", max_restarts=3, max_task_retries=3)
+        files[split] = ingest.write_split(store, STAGE, split, out, 1)
+        rows[split] = sum(int(pq_rows) for pq_rows in _rows_of(store, files[split]))
+    summary = dataset_checks(cfg, store, ingest_manifest, models, alpha)
+    store.write_json(summary, STAGE, "summary.json")
+    manifest = st.commit(store, STAGE, h, files=files, rows=rows, alpha=alpha, models=sorted(models))
+    table = summarise(store, manifest)
+    for key, metrics in table.items():
+        tracker.log_metrics(stage_run, {f"{key}/{k}": v for k, v in metrics.items()})
+    tracker.log_metrics(stage_run, _flat_summary(summary))
+    return manifest, True
+
+
+def _rows_of(store: st.Storage, files: list[str]) -> list[int]:
+    import pyarrow.parquet as pq
+
+    return [pq.ParquetFile(store.fs.open_input_file(store.path(f))).metadata.num_rows for f in files]
+
+
+def _flat_summary(summary: dict) -> dict[str, float]:
+    out = {}
+    for key, val in summary.items():
+        for k, v in val.items():
+            if isinstance(v, (int, float)):
+                out[f"{key}/{k}"] = float(v)
+    return out
+
+
+def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dict[str, str],
+                   alpha: float) -> dict:
+    """Adversarial detection AUROC (§3b) from HAF, Grad-CAM and saliency maps; model randomisation (§6)."""
+    from pipelines.common import load_model, to_tensors
+    from xai_core.metrics import model_randomisation
+    from xai_core.metrics.detection import detection_auroc
+
+    e = cfg.evaluate
+    out: dict[str, dict] = {}
+    n = max(e.detection_images, e.randomisation_images)
+    if n == 0:
+        return out
+    data = to_tensors(ingest.read_split_numpy(store, ingest_manifest, "test", limit=n))
+    for key, path in models.items():
+        model = load_model(cfg, store.read_bytes(path), path)
+        res: dict[str, float] = {}
+        if e.detection_images:
+            x, y = data["image"][: e.detection_images], data["label"][: e.detection_images].long()
+            for method in ("haf", "gradcam", "saliency"):
+                if method in e.methods:
+                    d = detection_auroc(model, x, y, explain_fn(cfg, method, alpha), eps=8 / 255,
+                                        steps=e.pgd_steps, seed=0)
+                    res[f"detection_auroc_{method}"] = float(d["auroc"])
+                    res["attack_success"] = float(d["attack_success"])
+        if e.randomisation_images:
+            x, y = data["image"][: e.randomisation_images], data["label"][: e.randomisation_images].long()
+            for method in [m for m in ("gradcam", "saliency", "tif", "haf") if m in e.methods]:
+                corr = model_randomisation(model, x, y, explain_fn(cfg, method, alpha))
+                for layer, rho in corr.items():
+                    res[f"randomisation_{method}_{layer}"] = float(torch.nanmean(rho))
+        out[key] = res
+    return out
+
+
+def summarise(store: st.Storage, manifest: dict) -> dict[str, dict[str, float]]:
+    """Means per (model, method) of every metric column: {"<model>/<method>": {metric: mean}}."""
+    import pandas as pd
+
+    frames = []
+    for split in manifest["files"]:
+        df = read_frame(store, manifest, split)
+        frames.append(df.assign(split=split))
+    df = pd.concat(frames, ignore_index=True)
+    num = [c for c in df.columns if c not in ("idx", "group", "model", "mode", "seed", "method", "split")
+           and df[c].dtype.kind in "fi"]
+    agg = df.groupby(["model", "method"])[num].mean()
+    return {f"{m}/{meth}": {k: float(v) for k, v in row.items() if v == v} for (m, meth), row in agg.iterrows()}
+
+
+def read_frame(store: st.Storage, manifest: dict, split: str, curves: bool = False) -> Any:
+    """A split of the evaluate output as a pandas DataFrame (curve columns dropped unless asked)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    frames = []
+    for f in manifest["files"][split]:
+        t = pq.read_table(store.path(f), filesystem=store.fs)
+        keep = [c for c in t.column_names if curves or not c.endswith("_curve")]
+        frames.append(t.select(keep).to_pandas())
+    return pd.concat(frames, ignore_index=True)

@@ -1,0 +1,157 @@
+"""The whole pipeline: ingest -> train (erm, consistency rounds with precompute, scaat) -> sweep -> evaluate
+-> report, on the Ray cluster it finds (a job's cluster, RAY_ADDRESS, ray.address) or a local one.
+
+    python pipelines/full.py --config configs/quick.yaml [--set train.epochs=3 ...] [--force STAGE]
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python pipelines/full.py ...
+
+A rerun with the same config skips every committed stage and says so. One MLflow parent run per
+pipeline run (found again by tag on a rerun), nested runs per stage, model and trial.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines.config import STAGES, ConfigError, load_config  # noqa: E402
+
+log = logging.getLogger("xai")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="full.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/quick.yaml", help="YAML config (default: %(default)s)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=3 (repeatable)")
+    p.add_argument("--force", action="append", default=[], choices=STAGES, help="redo a committed stage")
+    p.add_argument("--only", choices=STAGES, help="run only this stage (earlier stages must be committed)")
+    p.add_argument("--alphas", type=float, nargs="+", help="sweep: alphas to try (default: sweep.alphas)")
+    return p.parse_args(argv)
+
+
+def init_ray(cfg: object) -> float:
+    """Connect to the cluster we were submitted to, or start a local one; returns its CPU count."""
+    import ray
+
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0")}}
+    if address:
+        ray.init(address=address, log_to_driver=True)
+    else:
+        cpus = cfg.ray.num_cpus or 2 * (os.cpu_count() or 1)  # logical > physical: RAY_NOTES
+        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    return float(ray.cluster_resources().get("CPU", 1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        return run_pipeline(cfg, args)
+    except (ValueError, RuntimeError, OSError, ConnectionError) as e:
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+
+
+def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
+    from pipelines import evaluate, ingest, report, sweep, train
+    from pipelines import storage as st
+    from pipelines.common import resource_plan
+    from pipelines.tracking import Tracker, git_revision, tracking_uri
+
+    t0 = time.time()
+    store = st.from_config(cfg)
+    uri = tracking_uri(cfg.tracking.uri)
+    tracker = Tracker(uri, cfg.tracking.experiment)  # fails fast on an unreachable server
+    cluster_cpus = init_ray(cfg)
+    plan = resource_plan(cluster_cpus, cfg.train.num_workers, cfg.precompute.actors)
+    log.info("storage %s, tracking %s, cluster CPUs %g, plan %s", store.root_uri, uri, cluster_cpus, plan)
+    parent = tracker.find_or_create(cfg.name, {"xai.pipeline": cfg.name, "xai.config_hash": cfg.section_hash(
+        *[k for k in type(cfg).model_fields if k not in ("ray", "tracking", "name")])})
+    tracker.log_params(parent, cfg.model_dump(mode="json"))
+    tracker.set_tags(parent, {"git_revision": git_revision(), "storage": store.root_uri,
+                              "config_file": str(args.config)})
+    force = set(args.force)
+    done: list[str] = []
+    skipped: list[str] = []
+
+    def stage_run(name: str) -> str:
+        return tracker.find_or_create(name, {"xai.stage": name, "xai.stage_of": parent}, parent_id=parent)
+
+    def note(name: str, did: bool, run_id: str) -> None:
+        (done if did else skipped).append(name)
+        log.info("stage %s: %s", name, "done" if did else "already committed, skipped")
+        tracker.finish(run_id)
+
+    def wanted(name: str) -> bool:
+        return args.only in (None, name)
+
+    def need(name: str, manifest: object) -> dict:
+        if manifest is None:
+            raise RuntimeError(f"stage {name} is not committed under {store.root_uri}: run the full pipeline first")
+        return manifest
+
+    status = "FAILED"
+    try:
+        r = stage_run("ingest")
+        if wanted("ingest"):
+            ing, did = ingest.run(cfg, store, force="ingest" in force)
+            tracker.log_metrics(r, {f"rows_{k}": v for k, v in ing["rows"].items()})
+            note("ingest", did, r)
+        ing = need("ingest", st.committed(store, ingest.STAGE, ingest.config_hash(cfg)))
+        r = stage_run("train")
+        if wanted("train"):
+            tr, did = train.run(cfg, store, ing, tracker, r, plan, force="train" in force)
+            note("train", did, r)
+        tr = need("train", st.committed(store, train.STAGE, train.config_hash(cfg)))
+        alpha, sweep_result = cfg.evaluate.tif_alpha, None
+        if cfg.sweep.enabled and ("tif" in cfg.evaluate.methods or args.only == "sweep"):
+            r = stage_run("sweep")
+            if wanted("sweep"):
+                sw, did = sweep.run(cfg, store, ing, tr, tracker, r, plan, force="sweep" in force,
+                                    alphas=args.alphas)
+                note("sweep", did, r)
+            if store.exists(sweep.STAGE, "results.json"):
+                sweep_result = store.read_json(sweep.STAGE, "results.json")
+                alpha = float(sweep_result["best_alpha"])
+        if args.only == "sweep":
+            status = "FINISHED"
+            return 0
+        r = stage_run("evaluate")
+        if wanted("evaluate"):
+            ev, did = evaluate.run(cfg, store, ing, tr, alpha, tracker, r, plan, force="evaluate" in force)
+            note("evaluate", did, r)
+        ev = need("evaluate", st.committed(store, evaluate.STAGE, evaluate.config_hash(cfg, alpha)))
+        r = stage_run("report")
+        if wanted("report"):
+            rp, did = report.run(cfg, store, ing, tr, ev, sweep_result, tracker, r, force="report" in force)
+            note("report", did, r)
+        status = "FINISHED"
+    finally:
+        tracker.finish(parent, status)
+    if not done:
+        print(f"Nothing to do: every stage of {cfg.name!r} is already committed under {store.root_uri} "
+              f"(use --force STAGE to redo one).")
+    else:
+        print(f"Done in {time.time() - t0:.0f}s: ran {', '.join(done)}"
+              + (f"; skipped committed {', '.join(skipped)}" if skipped else "") + ".")
+    print(f"Outputs: {store.root_uri}  (report: {store.uri('report', 'report.html')})")
+    print(f"MLflow:  {uri}  -> review with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""Stage ingest: the dataset (BiasedShapes, METHODS §7, or an image folder) -> Parquet shards via Ray Data.
+
+Output: ingest/<split>/*.parquet for split in train, val, test (and dwsol for BiasedShapes), with
+columns idx, image (uint8 [3,S,S] tensor), label, mask, box, background, group (+ label2, mask2).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from pipelines import storage as st
+
+log = logging.getLogger("xai.ingest")
+STAGE = "ingest"
+
+
+def config_hash(cfg: Any) -> str:
+    return cfg.section_hash("data")
+
+
+def _synthetic_splits(cfg: Any) -> dict[str, dict[str, np.ndarray]]:
+    from xai_core.data.synthetic import BiasedShapes
+
+    d = cfg.data
+    kw: dict[str, Any] = {"size": d.size, "num_classes": d.num_classes}
+    if d.contrast is not None:
+        kw["contrast"] = d.contrast
+    splits = {
+        "train": BiasedShapes(n=d.n_train, seed=d.seed, split="train", bias=d.bias, **kw),
+        "val": BiasedShapes(n=d.n_val, seed=d.seed + 1, split="test", **kw),
+        "test": BiasedShapes(n=d.n_test, seed=d.seed, split="test", **kw),
+    }
+    if d.n_dwsol:
+        splits["dwsol"] = BiasedShapes(n=d.n_dwsol, seed=d.seed, split="dwsol", **kw)
+    return {k: v.arrays() for k, v in splits.items()}
+
+
+def _folder_splits(cfg: Any) -> tuple[dict[str, dict[str, np.ndarray]], list]:
+    from xai_core.data.folders import ImageFolderWithMasks
+
+    d = cfg.data
+    ds = ImageFolderWithMasks(d.folder, size=d.size, mask_dir=d.mask_dir, boxes_file=d.boxes_file,
+                              on_bad_input=d.on_bad_input)
+    if len(ds) == 0:
+        raise ValueError(f"data.folder {d.folder!r} holds no readable images")
+    if len(ds.classes) > d.num_classes:
+        raise ValueError(f"data.folder {d.folder!r} has {len(ds.classes)} classes {ds.classes} but "
+                         f"data.num_classes={d.num_classes}; set data.num_classes={len(ds.classes)}")
+    items = [ds[i] for i in range(len(ds))]
+    arrays = {
+        "image": np.stack([(it["image"].numpy() * 255).round().astype(np.uint8) for it in items]),
+        "label": np.array([it["label"] for it in items], np.int64),
+        "mask": np.stack([it["mask"].numpy().astype(bool) for it in items]),
+        "box": np.array([list(it["box"]) for it in items], np.int64),
+        "background": np.full(len(items), -1, np.int64),
+        "group": np.full(len(items), -1, np.int64),
+    }
+    perm = np.random.default_rng(d.seed).permutation(len(items))
+    n_test = max(1, int(round(d.test_fraction * len(items))))
+    test, train = perm[:n_test], perm[n_test:]
+    if len(train) == 0:
+        raise ValueError(f"data.folder {d.folder!r} has {len(items)} images: too few to split "
+                         f"with test_fraction={d.test_fraction}")
+    pick = lambda idx: {k: v[np.sort(idx)] for k, v in arrays.items()}  # noqa: E731
+    return {"train": pick(train), "val": pick(test), "test": pick(test)}, list(ds.skipped)
+
+
+def _validate(split: str, arrays: dict[str, np.ndarray], num_classes: int) -> None:
+    n = len(arrays["label"])
+    if n == 0:
+        raise ValueError(f"split {split!r} is empty: nothing to train or evaluate on")
+    bad = np.flatnonzero((arrays["label"] < 0) | (arrays["label"] >= num_classes))
+    if bad.size:
+        raise ValueError(f"split {split!r} row {bad[0]}: label {arrays['label'][bad[0]]} is outside "
+                         f"0..{num_classes - 1}")
+    if arrays["image"].dtype != np.uint8:
+        raise ValueError(f"split {split!r}: images must be uint8, got {arrays['image'].dtype}")
+    if arrays["mask"].shape[1:] != arrays["image"].shape[2:]:
+        raise ValueError(f"split {split!r}: masks {arrays['mask'].shape[1:]} do not match images "
+                         f"{arrays['image'].shape[2:]}")
+
+
+def to_ray_dataset(arrays: dict[str, np.ndarray]) -> Any:
+    """Numpy columns -> a Ray Dataset (fixed-shape arrays become tensor columns)."""
+    import pyarrow as pa
+    import ray.data
+    from ray.data.extensions import ArrowTensorArray
+
+    cols = {}
+    for k, v in arrays.items():
+        cols[k] = ArrowTensorArray.from_numpy(v) if v.ndim > 1 else pa.array(v)
+    return ray.data.from_arrow(pa.table(cols))
+
+
+def write_split(store: st.Storage, stage: str, split: str, ds: Any, shards: int) -> list[str]:
+    """Write a Ray Dataset as Parquet under <stage>/<split>/ and return the files written."""
+    ds.repartition(max(1, shards)).write_parquet(store.uri(stage, split), filesystem=store.fs)
+    return [p[len(store.path()) + 1:] for p in store.list_files(stage, split, suffix=".parquet")]
+
+
+def read_split(store: st.Storage, manifest: dict, split: str) -> Any:
+    """A Ray Dataset over exactly the files a stage's manifest lists for a split."""
+    import ray.data
+
+    files = [store.path(f) for f in manifest["files"][split]]
+    if not files:
+        raise ValueError(f"stage {manifest['stage']!r} has no files for split {split!r}")
+    return ray.data.read_parquet(files, filesystem=store.fs)
+
+
+def read_split_numpy(store: st.Storage, manifest: dict, split: str, limit: int | None = None,
+                     columns: list[str] | None = None) -> dict[str, np.ndarray]:
+    """Read a split into numpy without Ray tasks (small splits, driver/trial side)."""
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401 - registers the tensor extension type
+
+    tables = []
+    rows = 0
+    for f in manifest["files"][split]:
+        t = pq.read_table(store.path(f), filesystem=store.fs, columns=columns)
+        tables.append(t)
+        rows += t.num_rows
+        if limit is not None and rows >= limit:
+            break
+    import pyarrow as pa
+
+    table = pa.concat_tables(tables)
+    if limit is not None:
+        table = table.slice(0, limit)
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        out[name] = col.to_numpy() if hasattr(col.type, "shape") else col.to_numpy(zero_copy_only=False)
+    if "idx" in out:
+        order = np.argsort(out["idx"], kind="stable")
+        out = {k: v[order] for k, v in out.items()}
+    return out
+
+
+def run(cfg: Any, store: st.Storage, force: bool = False) -> tuple[dict, bool]:
+    """Write the dataset splits; returns (manifest, did_work)."""
+    h = config_hash(cfg)
+    if not force and (m := st.committed(store, STAGE, h)):
+        return m, False
+    if cfg.data.source == "biased_shapes":
+        splits, skipped = _synthetic_splits(cfg), []
+    else:
+        splits, skipped = _folder_splits(cfg)
+    for name, arrays in splits.items():
+        _validate(name, arrays, cfg.data.num_classes)
+    st.begin(store, STAGE)
+    files, rows = {}, {}
+    for name, arrays in splits.items():
+        arrays = {"idx": np.arange(len(arrays["label"]), dtype=np.int64), **arrays}
+        shards = -(-len(arrays["idx"]) // cfg.data.rows_per_shard)
+        files[name] = write_split(store, STAGE, name, to_ray_dataset(arrays), shards)
+        rows[name] = int(len(arrays["idx"]))
+        log.info("ingest: %s split, %d rows in %d shard(s)", name, rows[name], len(files[name]))
+    manifest = st.commit(store, STAGE, h, rows=rows, files=files,
+                         schema=sorted(splits["train"].keys()) + ["idx"],
+                         skipped=[{"path": p, "reason": r} for p, r in skipped])
+    return manifest, True

@@ -1,0 +1,210 @@
+"""Stage report: comparison tables (model x method x metric) and figures (heatmap grids, deletion/insertion
+curves, alpha curve, consistency weights by bias group), logged to MLflow and written as one
+self-contained HTML file (report/report.html).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipelines import evaluate, ingest
+from pipelines import storage as st
+
+log = logging.getLogger("xai.report")
+STAGE = "report"
+TEST_METRICS = ["pointing_game", "energy_pointing_game", "iou", "wsss_miou", "gini", "deletion_auc",
+                "deletion_auc_random", "insertion_auc"]
+DWSOL_METRICS = ["hit_a", "hit_b", "false_response", "accuracy"]
+
+
+def accuracy_table(df: Any) -> Any:
+    """Per model: accuracy on aligned/conflicting groups, worst group, PGD robust accuracy."""
+    import pandas as pd
+
+    acc = df[df.method == "none"]
+    rows = []
+    for model, g in acc.groupby("model"):
+        row = {"model": model, "accuracy": g.correct.mean()}
+        for grp, name in ((0, "aligned"), (1, "conflicting")):
+            sel = g[g.group == grp]
+            row[f"acc_{name}"] = sel.correct.mean() if len(sel) else np.nan
+        row["worst_group"] = np.nanmin([row["acc_aligned"], row["acc_conflicting"]])
+        for c in sorted(c for c in g.columns if c.startswith("robust_acc_")):
+            row[c.replace("robust_acc_", "pgd_acc_eps") + "/255"] = g[c].mean()
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("model")
+
+
+def metric_table(df: Any, metrics: list[str]) -> Any:
+    sub = df[df.method != "none"]
+    cols = [m for m in metrics if m in sub.columns]
+    return sub.groupby(["model", "method"])[cols].mean()
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dict[str, str], alpha: float) -> Any:
+    """Same images, every method (columns) for every model (row blocks), object outline drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from pipelines.common import load_model, to_tensors
+
+    k = cfg.evaluate.figure_images
+    data = to_tensors(ingest.read_split_numpy(store, ingest_manifest, "test", limit=k))
+    x, y, mask = data["image"], data["label"].long(), data["mask"].bool()
+    methods = cfg.evaluate.methods
+    fig, axes = plt.subplots(len(models) * k, len(methods) + 1,
+                             figsize=(1.3 * (len(methods) + 1), 1.3 * len(models) * k), squeeze=False)
+    for mi, (key, path) in enumerate(sorted(models.items())):
+        model = load_model(cfg, store.read_bytes(path), path)
+        maps = {m: evaluate.explain_fn(cfg, m, alpha)(model, x, y) for m in methods}
+        for i in range(k):
+            r = mi * k + i
+            axes[r, 0].imshow(x[i].permute(1, 2, 0).numpy())
+            axes[r, 0].set_ylabel(f"{key}\n#{i} y={int(y[i])}", fontsize=6)
+            for j, m in enumerate(methods, start=1):
+                axes[r, j].imshow(maps[m][i].numpy(), cmap="jet")
+                axes[r, j].contour(mask[i].float().numpy(), levels=[0.5], colors="white", linewidths=0.6)
+                if r == 0:
+                    axes[r, j].set_title(m, fontsize=6)
+            for ax in axes[r]:
+                ax.set_xticks([])
+                ax.set_yticks([])
+        del model, maps
+        torch.set_grad_enabled(True)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(store: st.Storage, manifest: dict) -> Any:
+    import matplotlib.pyplot as plt
+
+    df = evaluate.read_frame(store, manifest, "test", curves=True)
+    df = df[df.method != "none"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for (model, method), g in df.groupby(["model", "method"]):
+        for ax, col in zip(axes, ("deletion_curve", "insertion_curve")):
+            c = np.stack(g[col].to_numpy()).mean(0)
+            ax.plot(np.linspace(0, 1, len(c)), c, label=f"{model}/{method}", lw=0.8)
+    for ax, t in zip(axes, ("deletion (lower is better)", "insertion (higher is better)")):
+        ax.set_title(t)
+        ax.set_xlabel("fraction of pixels")
+        ax.set_ylabel("p(target)")
+    axes[1].legend(fontsize=5, ncol=2)
+    return fig
+
+
+def alpha_figure(sweep: dict) -> Any:
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    for ax, metric in zip(axes, ("iou", "energy_pointing_game", "gini")):
+        for method in sorted({r["method"] for r in sweep["rows"]}):
+            rows = sorted((r for r in sweep["rows"] if r["method"] == method), key=lambda r: r["alpha"])
+            ax.plot([r["alpha"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
+        ax.axvline(sweep["best_alpha"], ls="--", c="grey")
+        ax.set_xlabel("alpha")
+        ax.set_title(metric)
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+def weights_figure(store: st.Storage) -> Any | None:
+    """Per-sample consistency weights against the bias group, for every precompute round."""
+    import matplotlib.pyplot as plt
+    import pyarrow.parquet as pq
+
+    files = store.list_files("precompute", suffix="weights.parquet")
+    if not files:
+        return None
+    fig, axes = plt.subplots(1, len(files), figsize=(3.5 * len(files), 3), squeeze=False)
+    for ax, f in zip(axes[0], files):
+        t = pq.read_table(f, filesystem=store.fs).to_pandas()
+        for grp, name in ((0, "aligned"), (1, "conflicting")):
+            ax.hist(t.w[t.group == grp], bins=30, alpha=0.6, density=True, label=name)
+        ax.set_title(f.rsplit("/", 2)[-2], fontsize=8)
+        ax.set_xlabel("weight w")
+    axes[0][0].legend(fontsize=7)
+    return fig
+
+
+def _table_html(df: Any, title: str) -> str:
+    return f"<h2>{html.escape(title)}</h2>" + df.to_html(float_format=lambda v: f"{v:.3f}", border=0)
+
+
+def config_hash(cfg: Any, evaluate_manifest: dict) -> str:
+    return evaluate_manifest["config_hash"] + "-" + cfg.section_hash("evaluate")[:6]
+
+
+def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict, eval_manifest: dict,
+        sweep_result: dict | None, tracker: Any, stage_run: str, force: bool = False) -> tuple[dict, bool]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    h = config_hash(cfg, eval_manifest)
+    if not force and (m := st.committed(store, STAGE, h)):
+        return m, False
+    st.begin(store, STAGE)
+    test = evaluate.read_frame(store, eval_manifest, "test")
+    tables = {"Accuracy, worst group and PGD robustness": accuracy_table(test),
+              "Attribution metrics on the test split (mean per model and method)": metric_table(test, TEST_METRICS)}
+    if "dwsol" in eval_manifest["files"]:
+        tables["D-WSOL (METHODS §3a)"] = metric_table(evaluate.read_frame(store, eval_manifest, "dwsol"),
+                                                      DWSOL_METRICS)
+    summary = store.read_json(evaluate.STAGE, "summary.json") if store.exists(evaluate.STAGE, "summary.json") else {}
+    alpha = eval_manifest.get("alpha", cfg.evaluate.tif_alpha)
+    figures = {"heatmaps": heatmap_grid(cfg, store, ingest_manifest, train_manifest["files"], alpha),
+               "deletion_insertion_curves": curves_figure(store, eval_manifest)}
+    if sweep_result:
+        figures["alpha_curve"] = alpha_figure(sweep_result)
+    wf = weights_figure(store)
+    if wf is not None:
+        figures["consistency_weights_by_group"] = wf
+    parts = [f"<html><head><meta charset='utf-8'><title>xai-ray report: {html.escape(cfg.name)}</title>"
+             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
+             "td,th{padding:2px 8px;text-align:right}img{max-width:100%}</style></head><body>",
+             f"<h1>xai-ray report: {html.escape(cfg.name)}</h1>",
+             f"<p>TIF alpha used in evaluation: {alpha:g}; models: {', '.join(sorted(train_manifest['files']))}</p>"]
+    for title, df in tables.items():
+        parts.append(_table_html(df, title))
+    if summary:
+        import pandas as pd
+        parts.append(_table_html(pd.DataFrame(summary).T, "Adversarial detection AUROC (§3b) and model "
+                                 "randomisation Spearman (§6)"))
+    with tempfile.TemporaryDirectory() as d:
+        for name, fig in figures.items():
+            parts.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><img src='data:image/png;base64,{_png(fig)}'/>")
+            with tracker.active(stage_run):
+                import mlflow
+                mlflow.log_figure(fig, f"figures/{name}.png")
+            plt.close(fig)
+        parts.append("</body></html>")
+        page = "\n".join(parts)
+        store.write_bytes(page.encode(), STAGE, "report.html")
+        path = Path(d) / "report.html"
+        path.write_text(page)
+        tracker.log_artifact(stage_run, str(path))
+        for i, (title, df) in enumerate(tables.items()):
+            p = Path(d) / f"table_{i}.csv"
+            df.to_csv(p)
+            tracker.log_artifact(stage_run, str(p), "tables")
+    manifest = st.commit(store, STAGE, h, files={"report": [f"{STAGE}/report.html"]}, rows={"tables": len(tables)})
+    return manifest, True

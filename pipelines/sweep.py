@@ -1,0 +1,226 @@
+"""Stage sweep: Ray Tune over TIF's alpha (METHODS §2), objective = localisation on the validation split;
+optionally over training knobs (each trial a TorchTrainer under Tune, ASHA stops poor trials early).
+
+Runs inside full.py, or on its own against a finished run's outputs:
+    python pipelines/sweep.py --config configs/quick.yaml --alphas 0 0.25 0.5 0.75
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipelines import ingest  # noqa: E402
+from pipelines import storage as st  # noqa: E402
+
+log = logging.getLogger("xai.sweep")
+STAGE = "sweep"
+
+
+def alpha_trial(config: dict) -> None:
+    """One Tune trial: TIF maps with one alpha on the validation split; reports IoU/EPG/pointing/Gini."""
+    import ray.tune
+    import torch
+
+    from pipelines.common import load_model, to_tensors
+    from pipelines.config import Config
+    from pipelines.evaluate import method_options
+    from xai_core.attribution import explain
+    from xai_core.metrics import energy_pointing_game, gini, localisation_iou, pointing_game
+
+    torch.set_num_threads(1)
+    cfg = Config.model_validate(config["cfg"])
+    store = st.Storage(*config["storage"])
+    model = load_model(cfg, store.read_bytes(config["model_path"]), config["model_path"])
+    data = to_tensors(ingest.read_split_numpy(store, config["ingest"], "val", limit=cfg.sweep.n_val))
+    x, y, mask = data["image"], data["label"].long(), data["mask"].bool()
+    sums: dict[str, float] = {}
+    for i in range(0, len(y), 64):
+        maps = explain(model, x[i:i + 64], y[i:i + 64], method=config["method"],
+                       **method_options(cfg, config["method"], config["alpha"])).detach()
+        m = mask[i:i + 64]
+        for k, v in {"iou": localisation_iou(maps, m), "energy_pointing_game": energy_pointing_game(maps, m),
+                     "pointing_game": pointing_game(maps, m), "gini": gini(maps)}.items():
+            sums[k] = sums.get(k, 0.0) + float(torch.nansum(v))
+    ray.tune.report({k: v / len(y) for k, v in sums.items()})
+
+
+def config_hash(cfg: Any) -> str:
+    return cfg.section_hash("data", "model", "train", "consistency", "scaat", "sweep", "evaluate")
+
+
+def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict, tracker: Any,
+        stage_run: str, plan: Any, force: bool = False, alphas: list[float] | None = None) -> tuple[dict, bool]:
+    """Sweep alpha for TIF and for the thresholded Grad-CAM control; returns (manifest, did_work)."""
+    import ray.tune
+
+    from pipelines.train import model_key
+
+    h = config_hash(cfg) + ("" if alphas is None else "-" + "_".join(f"{a:g}" for a in alphas))
+    if not force and (m := st.committed(store, STAGE, h)):
+        return m, False
+    st.begin(store, STAGE)
+    alphas = alphas or cfg.sweep.alphas
+    model_path = train_manifest["files"][model_key(cfg.sweep.model, cfg.train.seeds[0])]
+    trainable = ray.tune.with_resources(alpha_trial, {"cpu": plan.tune_trial_cpus})
+    tuner = ray.tune.Tuner(
+        trainable,
+        param_space={"alpha": ray.tune.grid_search(list(alphas)),
+                     "method": ray.tune.grid_search(["tif", "gradcam_thresholded"]),
+                     "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
+                     "storage": [store.root_uri, store.s3_endpoint, store.s3_region]},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
+        run_config=ray.tune.RunConfig(name=f"{cfg.name}-alpha-{h[:8]}", storage_path=store.uri("tune"),
+                                      storage_filesystem=store.fs if store.is_s3 else None, verbose=1),
+    )
+    grid = tuner.fit()
+    rows = []
+    for res in grid:
+        if res.error:
+            raise RuntimeError(f"sweep trial failed: {res.error}") from res.error
+        c = res.config
+        row = {"method": c["method"], "alpha": float(c["alpha"]),
+               **{k: float(res.metrics[k]) for k in ("iou", "energy_pointing_game", "pointing_game", "gini")}}
+        rows.append(row)
+        run_id = tracker.find_or_create(f"sweep/{c['method']}/alpha={c['alpha']:g}",
+                                        {"xai.stage": "sweep", "xai.trial": f"{c['method']}-{c['alpha']:g}"},
+                                        parent_id=stage_run)
+        tracker.log_params(run_id, {"method": c["method"], "alpha": c["alpha"], "model": cfg.sweep.model})
+        tracker.log_metrics(run_id, {k: v for k, v in row.items() if k not in ("method", "alpha")})
+        tracker.finish(run_id)
+    rows.sort(key=lambda r: (r["method"], r["alpha"]))
+    tif_rows = [r for r in rows if r["method"] == "tif"]
+    best = max(tif_rows, key=lambda r: r[cfg.sweep.metric])
+    for r in tif_rows:  # the alpha curve, one MLflow step per alpha (x100)
+        tracker.log_metrics(stage_run, {f"tif_{cfg.sweep.metric}_by_alpha": r[cfg.sweep.metric]},
+                            step=int(round(r["alpha"] * 100)))
+    tracker.log_metrics(stage_run, {"best_alpha": best["alpha"], f"best_{cfg.sweep.metric}": best[cfg.sweep.metric]})
+    store.write_json({"rows": rows, "best_alpha": best["alpha"], "metric": cfg.sweep.metric}, STAGE, "results.json")
+    manifest = st.commit(store, STAGE, h, best_alpha=best["alpha"], metric=cfg.sweep.metric,
+                         files={"results": [f"{STAGE}/results.json"]}, rows={"trials": len(rows)})
+    if cfg.sweep.train_mode:
+        manifest["train_sweep"] = train_knob_sweep(cfg, store, ingest_manifest, tracker, stage_run, plan)
+        store.write_json(manifest["train_sweep"], STAGE, "train_sweep.json")
+    return manifest, True
+
+
+def train_trial(config: dict) -> None:
+    """A Tune trial that trains with one knob setting through a TorchTrainer, reporting every epoch."""
+    import ray.train
+    import ray.tune
+    from ray.train.torch import TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from pipelines.config import Config, apply_override
+
+    data = dict(config["cfg"])
+    for key, val in config["knobs"].items():
+        apply_override(data, f"{key}={val}")
+    cfg = Config.model_validate(data)
+    store = st.Storage(*config["storage"])
+    ds = ingest.read_split(store, config["ingest"], "train").select_columns(["idx", "image", "label"])
+    trainer = TorchTrainer(
+        _train_trial_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "seed": cfg.train.seeds[0],
+                           "storage": config["storage"], "ingest": config["ingest"]},
+        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
+        datasets={"train": ds},
+        run_config=ray.train.RunConfig(name=f"trial-{ray.tune.get_context().get_trial_id()}",
+                                       storage_path=store.uri("tune"), callbacks=[TuneReportCallback()]),
+    )
+    trainer.fit()
+
+
+def _train_trial_loop(lc: dict) -> None:
+    """Train with the trial's knobs; after every epoch report validation accuracy (ASHA's signal)."""
+    import ray.train
+    import torch
+
+    from pipelines.common import make_model, to_tensors
+    from pipelines.config import Config
+    from pipelines.train import batch_loss
+
+    cfg = Config.model_validate(lc["cfg"])
+    torch.manual_seed(lc["seed"])
+    model = make_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
+    val = to_tensors(ingest.read_split_numpy(st.Storage(*lc["storage"]), lc["ingest"], "val"))
+    mode = cfg.sweep.train_mode
+    shard = ray.train.get_dataset_shard("train")
+    for epoch in range(cfg.sweep.train_epochs):
+        model.train()
+        for raw in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
+            batch = to_tensors(raw)
+            if mode == "consistency":  # weights from the current model on this batch (METHODS §5a)
+                from xai_core.objectives import consistency_weights
+                c = cfg.consistency
+                batch["w"] = consistency_weights(model, batch["image"], batch["label"].long(),
+                                                 eps=c.eps, steps=c.steps, similarity=c.similarity,
+                                                 power=c.power, w_min=c.w_min).w.detach()
+            loss, _, _ = batch_loss(model, batch, mode, cfg)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():
+            pred = model(val["image"]).argmax(1)
+        conf = val["group"] == 1
+        ray.train.report({"epoch": epoch + 1, "val_acc": float((pred == val["label"]).float().mean()),
+                          "val_conflicting_acc": float((pred == val["label"])[conf].float().mean())
+                          if conf.any() else float("nan")})
+
+
+def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_run: str,
+                     plan: Any) -> dict:
+    import ray.tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    space = {k: ray.tune.choice(v) for k, v in cfg.sweep.train_space.items()}
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(train_trial, {"cpu": 0.25}),
+        param_space={"knobs": space, "cfg": cfg.model_dump(mode="json"), "ingest": ingest_manifest,
+                     "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
+                     "cpus": plan.train_worker_cpus},
+        tune_config=ray.tune.TuneConfig(metric="val_acc", mode="max", num_samples=cfg.sweep.train_trials,
+                                        scheduler=ASHAScheduler(max_t=cfg.sweep.train_epochs, grace_period=1,
+                                                                time_attr="epoch"),
+                                        max_concurrent_trials=1),
+        run_config=ray.tune.RunConfig(name=f"{cfg.name}-train-knobs", storage_path=store.uri("tune")),
+    )
+    grid = tuner.fit()
+    trials = []
+    for res in grid:
+        knobs = res.config["knobs"]
+        metrics = {k: float(v) for k, v in (res.metrics or {}).items()
+                   if k in ("val_acc", "val_conflicting_acc", "epoch")}
+        trials.append({"knobs": knobs, **metrics})
+        run_id = tracker.find_or_create(f"sweep/train/{res.path.rsplit('/', 1)[-1][:40]}",
+                                        {"xai.stage": "sweep", "xai.trial": str(sorted(knobs.items()))},
+                                        parent_id=stage_run)
+        tracker.log_params(run_id, knobs)
+        tracker.log_metrics(run_id, metrics)
+        tracker.finish(run_id)
+    best = grid.get_best_result()
+    return {"trials": trials, "best": best.config["knobs"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipelines import full
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/quick.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--alphas", type=float, nargs="+", help="alphas to try (default: sweep.alphas)")
+    args = p.parse_args(argv)
+    return full.main(["--config", args.config, *sum((["--set", s] for s in args.set), []),
+                      "--only", "sweep", *(["--alphas", *map(str, args.alphas)] if args.alphas else [])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""Stage train: Ray Train TorchTrainer, modes erm | consistency (METHODS §5a) | scaat (§5b).
+
+One plain function per worker (``train_loop``); rank 0 logs to MLflow and writes checkpoints every
+epoch; a restarted worker group resumes from the last checkpoint (FailureConfig). Models land in
+train/<mode>_s<seed>/model.pt (each with its own manifest, so a rerun skips finished models).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pipelines import ingest
+from pipelines import storage as st
+from pipelines.common import load_state, make_model, pick_device, set_threads, state_bytes, to_tensors
+
+log = logging.getLogger("xai.train")
+STAGE = "train"
+STATE_FILE = "state.pt"
+
+
+def config_hash(cfg: Any) -> str:
+    return cfg.section_hash("data", "model", "train", "consistency", "scaat")
+
+
+def warmup_epochs(cfg: Any) -> int:
+    """Epochs of plain training before consistency round 1 (round 0 = the ERM model at this epoch)."""
+    return cfg.train.epochs - (cfg.consistency.rounds - 1) * cfg.consistency.round_epochs
+
+
+# ------------------------------------------------------------------------------------------ worker
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str, cfg: Any,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """The training loss of one batch for a mode; returns (loss, logits, extra metrics)."""
+    from xai_core.objectives import scaat_loss, weighted_cross_entropy
+
+    x, y = batch["image"], batch["label"].long()
+    if mode == "scaat":
+        # METHODS §5b on the unwrapped module; under DDP train_loop averages the gradients itself.
+        s = cfg.scaat
+        res = scaat_loss(getattr(model, "module", model), x, y, keep=s.keep, eps=s.eps, eps_min=s.eps_min,
+                         steps=s.steps, lam=s.lam, generator=generator)
+        return res.loss, res.logits, {"kl": float(res.kl), "eps_mean": float(res.eps_i.mean())}
+    logits = model(x)
+    w = batch.get("w") if mode == "consistency" else None
+    if w is None:
+        return F.cross_entropy(logits, y), logits, {}
+    return weighted_cross_entropy(logits, y, w.float()), logits, {"w_mean": float(w.mean())}
+
+
+def train_loop(lc: dict) -> None:
+    """Per-worker training function (Ray Train). lc: cfg, mode, epochs, epoch_offset, init_path, run_id."""
+    import ray.train
+    import ray.train.torch
+
+    from pipelines.config import Config
+
+    cfg = Config.model_validate(lc["cfg"])
+    set_threads(cfg.train.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    torch.manual_seed(lc["seed"])
+    device = pick_device(cfg.train.device)
+    model = make_model(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    start = 0
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:  # a restarted worker group: continue after the last reported epoch
+        with ckpt.as_directory() as d:
+            state = load_state(os.path.join(d, STATE_FILE), "Ray Train checkpoint")
+        start = int(state["epoch"])
+    elif lc.get("init_path"):
+        store = st.Storage(*lc["storage"])
+        state = load_state(store.read_bytes(lc["init_path"]), lc["init_path"])
+        state["epoch"] = 0
+    else:
+        state = None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        if "optimizer" in state:
+            opt.load_state_dict(state["optimizer"])
+    model = ray.train.torch.prepare_model(model)
+    use_amp = cfg.train.mixed_precision and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    tracker = None
+    if rank == 0 and lc.get("run_id"):
+        from pipelines.tracking import Tracker
+        tracker = Tracker(lc["tracking_uri"], cfg.tracking.experiment)
+    shard = ray.train.get_dataset_shard("train")
+    gen = torch.Generator(device=device).manual_seed(lc["seed"] * 1000 + rank)
+    for epoch in range(start, lc["epochs"]):
+        t0 = time.time()
+        model.train()
+        tot, correct, loss_sum, extra_sum = 0, 0, 0.0, {}
+        for raw in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
+                                      local_shuffle_buffer_size=min(4 * cfg.train.batch_size, 4096),
+                                      local_shuffle_seed=lc["seed"] * 100 + epoch):
+            batch = to_tensors(raw, device)
+            with torch.autocast(device.type, enabled=use_amp):
+                loss, logits, extra = batch_loss(model, batch, lc["mode"], cfg, gen)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if lc["mode"] == "scaat" and ctx.get_world_size() > 1:
+                sync_grads(model)
+            scaler.step(opt)
+            scaler.update()
+            n = len(batch["label"])
+            tot += n
+            correct += int((logits.argmax(1) == batch["label"]).sum())
+            loss_sum += float(loss) * n
+            for k, v in extra.items():
+                extra_sum[k] = extra_sum.get(k, 0.0) + v * n
+        step = lc["epoch_offset"] + epoch + 1
+        metrics = {"loss": loss_sum / max(tot, 1), "train_acc": correct / max(tot, 1),
+                   "epoch_seconds": time.time() - t0, **{k: v / max(tot, 1) for k, v in extra_sum.items()}}
+        if tracker is not None:
+            tracker.log_metrics(lc["run_id"], metrics, step=step)
+            print(f"[{lc['mode']} s{lc['seed']}] epoch {step}: loss {metrics['loss']:.4f} "
+                  f"train_acc {metrics['train_acc']:.3f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
+        report = {**metrics, "epoch": epoch + 1, "global_epoch": step}
+        if rank == 0:
+            core = getattr(model, "module", model)
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
+                           os.path.join(d, STATE_FILE))
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(report)
+
+
+def sync_grads(model: torch.nn.Module) -> None:
+    """Average gradients over workers by hand (SCAAT's extra forwards bypass DDP's reducer)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+# ------------------------------------------------------------------------------------------ driver
+def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: int, name: str,
+        run_id: str | None, tracking_uri: str, plan: Any, init_path: str | None = None,
+        epoch_offset: int = 0) -> tuple[dict[int, bytes], int]:
+    """Run one TorchTrainer fit; returns ({epoch: state bytes} of kept checkpoints, final epoch)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = cfg.train.device == "cuda" or (cfg.train.device == "auto" and _cluster_has_gpu())
+    scaling = ray.train.ScalingConfig(
+        num_workers=cfg.train.num_workers, use_gpu=use_gpu, placement_strategy=cfg.train.placement,
+        resources_per_worker=None if use_gpu else {"CPU": plan.train_worker_cpus})
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "mode": mode, "seed": seed,
+                           "epochs": epochs, "epoch_offset": epoch_offset, "init_path": init_path,
+                           "run_id": run_id, "tracking_uri": tracking_uri,
+                           "storage": [store.root_uri, store.s3_endpoint, store.s3_region]},
+        scaling_config=scaling,
+        datasets={"train": ds},
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=store.uri("ray"), storage_filesystem=store.fs if store.is_s3 else None,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training {name} failed: {result.error}") from result.error
+    states: dict[int, bytes] = {}
+    for ckpt, metrics in result.best_checkpoints or [(result.checkpoint, {})]:
+        with ckpt.as_directory() as d:
+            data = open(os.path.join(d, STATE_FILE), "rb").read()
+        states[int(load_state(data)["epoch"])] = data
+    return states, max(states)
+
+
+def _cluster_has_gpu() -> bool:
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def model_key(mode: str, seed: int) -> str:
+    return f"{mode}_s{seed}"
+
+
+def _model_done(store: st.Storage, key: str, h: str) -> bool:
+    return st.committed(store, f"{STAGE}/{key}", h) is not None
+
+
+def _save_model(store: st.Storage, key: str, h: str, data: bytes, **fields: Any) -> None:
+    st.begin(store, f"{STAGE}/{key}")
+    store.write_bytes(data, STAGE, key, "model.pt")
+    st.commit(store, f"{STAGE}/{key}", h, files={"model": f"{STAGE}/{key}/model.pt"}, **fields)
+
+
+def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_run: str,
+        plan: Any, force: bool = False) -> tuple[dict, bool]:
+    """Train every (mode, seed); returns (manifest, did_work)."""
+    from pipelines import precompute
+
+    h = config_hash(cfg)
+    if not force and (m := st.committed(store, STAGE, h)):
+        return m, False
+    if force:
+        st.begin(store, STAGE)
+        store.remove_dir("ray")
+        store.remove_dir(precompute.STAGE)
+    elif store.exists(STAGE, st.MANIFEST):  # committed for another config: start over
+        st.begin(store, STAGE)
+    train_ds = ingest.read_split(store, ingest_manifest, "train").select_columns(["idx", "image", "label"])
+    models: dict[str, str] = {}
+    for seed in cfg.train.seeds:
+        for mode in cfg.train.modes:
+            key = model_key(mode, seed)
+            models[key] = f"{STAGE}/{key}/model.pt"
+            if _model_done(store, key, h):
+                log.info("train: %s already committed, skipped", key)
+                continue
+            run_id = tracker.find_or_create(f"train/{key}", {"xai.stage": "train", "xai.model": key},
+                                            parent_id=stage_run)
+            tracker.log_params(run_id, {"mode": mode, "seed": seed, "train": cfg.train.model_dump(),
+                                        mode: getattr(cfg, mode).model_dump() if mode != "erm" else {}})
+            common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan}
+            if mode == "consistency":
+                final = _train_consistency(cfg, store, ingest_manifest, tracker, h, key, common)
+            else:
+                states, last = fit(cfg, store, train_ds, mode=mode, epochs=cfg.train.epochs,
+                                   name=f"{cfg.name}-{key}-{h[:8]}", **common)
+                final = states[last]
+                if mode == "erm":  # round 0 of consistency training starts here (METHODS §5a)
+                    w0 = warmup_epochs(cfg)
+                    if w0 in states:
+                        store.write_bytes(states[w0], STAGE, f"{key}_warmup.pt")
+            _save_model(store, key, h, final, mode=mode, seed=seed)
+            _log_model(cfg, tracker, run_id, final, key)
+            tracker.finish(run_id)
+    manifest = st.commit(store, STAGE, h, files=models, rows={"models": len(models)})
+    return manifest, True
+
+
+def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, h: str,
+                       key: str, common: dict) -> bytes:
+    """Rounds 1..R-1: precompute weights with the latest checkpoint, then train round_epochs."""
+    from pipelines import precompute
+
+    seed = common["seed"]
+    init = f"{STAGE}/{model_key('erm', seed)}_warmup.pt"
+    if not store.exists(init):
+        raise RuntimeError(f"the ERM warm-up checkpoint {init} is missing: train the erm mode first")
+    offset = warmup_epochs(cfg)
+    data = store.read_bytes(init)
+    for r in range(1, cfg.consistency.rounds):
+        pre_manifest, w = precompute.run_round(cfg, store, ingest_manifest, init, seed, r, tracker,
+                                               common["run_id"], common["plan"])
+        ds = precompute.weighted_dataset(store, pre_manifest, w)
+        states, last = fit(cfg, store, ds, mode="consistency", epochs=cfg.consistency.round_epochs,
+                           name=f"{cfg.name}-{key}-r{r}-{h[:8]}", init_path=init, epoch_offset=offset,
+                           **common)
+        data = states[last]
+        init = f"{STAGE}/{key}_round{r}.pt"
+        store.write_bytes(data, init)
+        offset += cfg.consistency.round_epochs
+    return data
+
+
+def _log_model(cfg: Any, tracker: Any, run_id: str, data: bytes, key: str) -> None:
+    """Log the final model with mlflow.pytorch (and register it) under the model's run."""
+    import mlflow
+
+    from pipelines.common import load_model
+
+    model = load_model(cfg, data, key)
+    example = np.zeros((1, 3, cfg.data.size, cfg.data.size), np.float32)
+    with tracker.active(run_id):
+        mlflow.pytorch.log_model(
+            model, name="model", input_example=example,
+            registered_model_name=f"{cfg.name}-{key}" if cfg.tracking.register_models else None)
+
+
+def final_state(store: st.Storage, manifest: dict, key: str) -> bytes:
+    """The committed final model of (mode, seed) as checkpoint bytes."""
+    return store.read_bytes(manifest["files"][key])
+
+
+__all__ = ["batch_loss", "final_state", "fit", "run", "state_bytes", "to_tensors", "train_loop"]

@@ -1,0 +1,35 @@
+"""Explanation metrics (METHODS §6): torch-native, batched, each returns per-sample values [B]."""
+
+from xai_core.metrics.complexity import gini
+from xai_core.metrics.detection import adversarial_examples, auroc, detection_auroc, train_detector
+from xai_core.metrics.dwsol import dwsol, false_response
+from xai_core.metrics.faithfulness import deletion_auc, insertion_auc
+from xai_core.metrics.localisation import (
+    energy_pointing_game,
+    localisation_iou,
+    pointing_game,
+    pseudo_masks,
+    wsol_top1_loc,
+    wsss_miou,
+)
+from xai_core.metrics.sanity import model_randomisation, spearman
+
+__all__ = [
+    "adversarial_examples",
+    "auroc",
+    "deletion_auc",
+    "detection_auroc",
+    "dwsol",
+    "energy_pointing_game",
+    "false_response",
+    "gini",
+    "insertion_auc",
+    "localisation_iou",
+    "model_randomisation",
+    "pointing_game",
+    "pseudo_masks",
+    "spearman",
+    "train_detector",
+    "wsol_top1_loc",
+    "wsss_miou",
+]

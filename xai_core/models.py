@@ -1,0 +1,168 @@
+"""Models: a small ResNet for CPU-sized runs (METHODS §7) and a torchvision factory with layer defaults.
+
+Every model returned here carries ``default_layers`` (stage outputs, names for ``get_submodule``) and
+``cam_layer`` (the last convolutional stage) where they can be found, and uses no in-place activations,
+so forward hooks capture clean tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with BatchNorm and a (projected) shortcut; separate, non-inplace ReLUs."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu1 = nn.ReLU()
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu2 = nn.ReLU()
+        self.shortcut = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu1(self.bn1(self.conv1(x)))
+        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class SmallResNet(nn.Module):
+    """Stride-2 3x3 stem, stages layer1..layer3 (widths w, 2w, 4w; strides 1, 2, 2), GAP, ``fc``.
+
+    On 64 px inputs the stage outputs are 32, 16 and 8 px.
+    """
+
+    def __init__(self, num_classes: int = 6, width: int = 16, in_channels: int = 3,
+                 blocks: tuple[int, int, int] = (1, 1, 1)) -> None:
+        super().__init__()
+        if num_classes < 1 or width < 1 or in_channels < 1 or len(blocks) != 3 or min(blocks) < 1:
+            raise ValueError(f"invalid SmallResNet arguments: num_classes={num_classes}, width={width}, "
+                             f"in_channels={in_channels}, blocks={blocks} (all must be >= 1, 3 stages)")
+        self.default_layers = ["layer1", "layer2", "layer3"]
+        self.cam_layer = "layer3"
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 2, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU()
+        widths, strides, cin = (width, 2 * width, 4 * width), (1, 2, 2), width
+        for i, (w, st, nb) in enumerate(zip(widths, strides, blocks), start=1):
+            stage = [BasicBlock(cin, w, st)] + [BasicBlock(w, w) for _ in range(nb - 1)]
+            setattr(self, f"layer{i}", nn.Sequential(*stage))
+            cin = w
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layer3(self.layer2(self.layer1(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def available_archs() -> list[str]:
+    """Names accepted by ``build_model``: "small_resnet" and torchvision's classification models."""
+    return ["small_resnet", *torchvision.models.list_models(module=torchvision.models)]
+
+
+def build_model(arch: str, num_classes: int, **kw: object) -> nn.Module:
+    """Build an untrained model (never downloads weights) with ``default_layers``/``cam_layer`` set."""
+    allowed = available_archs()
+    if arch not in allowed:
+        raise ValueError(f"unknown arch {arch!r}: allowed values are {', '.join(allowed)}")
+    if arch == "small_resnet":
+        return SmallResNet(num_classes=num_classes, **kw)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
+    for m in model.modules():  # in-place activations corrupt tensors captured by hooks
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False
+    layers, cam = _torchvision_layers(arch, model)
+    if layers:
+        model.default_layers, model.cam_layer = layers, cam
+    return model
+
+
+def _torchvision_layers(arch: str, model: nn.Module) -> tuple[list[str], str | None]:
+    """Stage-output layer names of a torchvision model: known families by name, else by a dry forward."""
+    names = dict(model.named_modules())
+    if all(f"layer{i}" in names for i in range(1, 5)):  # resnet, resnext, wide_resnet
+        return [f"layer{i}" for i in range(1, 5)], "layer4"
+    if arch.startswith("densenet"):
+        return [f"features.denseblock{i}" for i in range(1, 5)], "features.norm5"
+    if arch.startswith("vgg"):  # the module just before each max-pool ends a conv block
+        feats = list(model.features)
+        ends = [f"features.{i - 1}" for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
+        return ends, ends[-1]
+    layers = _stage_outputs(model)
+    return layers, (layers[-1] if layers else None)
+
+
+def _stage_outputs(model: nn.Module, size: int = 64, keep: int = 4) -> list[str]:
+    """Generic fallback: among the children of the model's body (``features``/``trunk_output`` when it is
+    a Sequential, else the model), the last child to output each spatial resolution (> 1x1) in a dry
+    forward pass, stem dropped. Runs in eval mode under no_grad and restores the mode, so BatchNorm
+    statistics are untouched. Returns [] when the model cannot run on 1x3xSxS (e.g. ViTs need 224 px).
+    """
+    prefix = next((p for p in ("features", "trunk_output")
+                   if isinstance(getattr(model, p, None), nn.Sequential)), "")
+    body = model.get_submodule(prefix)
+    last: dict[tuple[int, int], str] = {}  # resolution -> last child that output it (first-seen order)
+
+    def record(name: str, out: object) -> None:
+        if isinstance(out, torch.Tensor) and out.dim() == 4 and tuple(out.shape[-2:]) != (1, 1):
+            last[tuple(out.shape[-2:])] = name
+
+    names = {n: f"{prefix}.{n}" if prefix else n for n, _ in body.named_children()}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=names[n]: record(name, out))
+             for n, m in body.named_children()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, size, size))
+    except Exception:  # noqa: BLE001 - a model that cannot run here simply gets no defaults
+        return []
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    ends = list(last.values())
+    return ends[1:][-keep:] if len(ends) > 1 else ends
+
+
+def default_layers(model: nn.Module) -> list[str]:
+    """The model's ``default_layers``, or ValueError asking for ``layers=`` explicitly."""
+    layers = getattr(model, "default_layers", None)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no `default_layers` attribute: pass layers=[...] "
+                         "with module names as model.get_submodule takes them")
+    return list(layers)
+
+
+def load_state_dict_checked(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a state dict strictly; ValueError naming missing/unexpected keys and shape mismatches.
+
+    A ``module.`` prefix (a checkpoint saved from DistributedDataParallel) is stripped first.
+    """
+    own = model.state_dict()
+    if state_dict and all(k.startswith("module.") for k in state_dict) and not any(
+            k.startswith("module.") for k in own):
+        state_dict = {k[len("module."):]: v for k, v in state_dict.items()}
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+              for k, v in state_dict.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    problems = []
+    for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            more = f" (+{len(items) - 10} more)" if len(items) > 10 else ""
+            problems.append(f"{title}: {', '.join(items[:10])}{more}")
+    if problems:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__} (another architecture or "
+                         f"num_classes?): {'; '.join(problems)}")
+    model.load_state_dict(state_dict, strict=True)
+    return model
