@@ -39,6 +39,11 @@ def resource_plan(cluster_cpus: float, num_workers: int, actors: int = 0) -> Res
                         max(min(1.0, spare / concurrency), 0.25))
 
 
+def actor_restarts() -> dict:
+    """Ray remote args of every actor-pool stage: a killed actor is restarted, its batch retried."""
+    return {"max_restarts": 3, "max_task_retries": 3}
+
+
 def pick_device(choice: str = "auto") -> torch.device:
     """cuda if asked for (or available under "auto"), else cpu; a missing GPU asked for is an error."""
     if choice == "cuda" and not torch.cuda.is_available():

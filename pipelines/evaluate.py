@@ -14,6 +14,7 @@ import torch
 
 from pipelines import ingest
 from pipelines import storage as st
+from pipelines.common import actor_restarts
 
 log = logging.getLogger("xai.evaluate")
 STAGE = "evaluate"
@@ -163,14 +164,14 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     splits = [("test", cfg.evaluate.n_test)] + ([("dwsol", cfg.evaluate.n_dwsol)]
                                               if cfg.evaluate.n_dwsol and "dwsol" in ingest_manifest["files"] else [])
     for split, limit in splits:
-        src = ingest.read_split(store, ingest_manifest, split).limit(limit)
+        src = ingest.read_split(store, ingest_manifest, split).limit(limit).repartition(plan.actors)
         out = src.map_batches(
             EvalActor, fn_constructor_kwargs={
                 "cfg_json": cfg.model_dump(mode="json"), "models": models, "alpha": alpha, "split": split,
                 "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
                 "threads": max(1, int(plan.actor_cpus))},
             compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
-            batch_size=cfg.evaluate.batch_size, batch_format="numpy", max_restarts=3, max_task_retries=3)
+            batch_size=cfg.evaluate.batch_size, batch_format="numpy", ray_remote_args_fn=actor_restarts)
         files[split] = ingest.write_split(store, STAGE, split, out, 1)
         rows[split] = sum(int(pq_rows) for pq_rows in _rows_of(store, files[split]))
     summary = dataset_checks(cfg, store, ingest_manifest, models, alpha)

@@ -43,7 +43,9 @@ def init_ray(cfg: object) -> float:
 
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": os.environ.get("RAY_DATA_DISABLE_PROGRESS_BARS", "0")}}
-    if address:
+    if ray.is_initialized():  # embedded use (tests, notebooks): reuse the caller's Ray instance
+        pass
+    elif address:
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = cfg.ray.num_cpus or 2 * (os.cpu_count() or 1)  # logical > physical: RAY_NOTES

@@ -15,6 +15,7 @@ import torch
 
 from pipelines import ingest
 from pipelines import storage as st
+from pipelines.common import actor_restarts
 
 log = logging.getLogger("xai.precompute")
 STAGE = "precompute"
@@ -74,7 +75,7 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
     manifest = None if force else st.committed(store, stage, h)
     if manifest is None:
         st.begin(store, stage)
-        src = ingest.read_split(store, ingest_manifest, "train").select_columns(
+        src = ingest.read_split(store, ingest_manifest, "train", blocks=plan.actors).select_columns(
             ["idx", "image", "label", "group", "mask"])
         out = src.map_batches(
             ConsistencyActor,
@@ -83,7 +84,7 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
                                    "ckpt_path": ckpt_path, "threads": max(1, int(plan.actor_cpus))},
             compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
             batch_size=cfg.precompute.batch_size, batch_format="numpy",
-            max_restarts=3, max_task_retries=3)
+            ray_remote_args_fn=actor_restarts)
         shards = max(1, -(-ingest_manifest["rows"]["train"] // cfg.data.rows_per_shard))
         files = ingest.write_split(store, stage, "samples", out, shards)
         cols = ingest.read_split_numpy(store, {"files": {"samples": files}, "stage": stage}, "samples",

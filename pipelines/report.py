@@ -191,7 +191,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                                  "randomisation Spearman (§6)"))
     with tempfile.TemporaryDirectory() as d:
         for name, fig in figures.items():
-            parts.append(f"<h2>{html.escape(name.replace('_', ' '))}</h2><img src='data:image/png;base64,{_png(fig)}'/>")
+            title = html.escape(name.replace("_", " "))
+            parts.append(f"<h2>{title}</h2><img src='data:image/png;base64,{_png(fig)}'/>")
             with tracker.active(stage_run):
                 import mlflow
                 mlflow.log_figure(fig, f"figures/{name}.png")
@@ -202,7 +203,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         path = Path(d) / "report.html"
         path.write_text(page)
         tracker.log_artifact(stage_run, str(path))
-        for i, (title, df) in enumerate(tables.items()):
+        for i, (_title, df) in enumerate(tables.items()):
             p = Path(d) / f"table_{i}.csv"
             df.to_csv(p)
             tracker.log_artifact(stage_run, str(p), "tables")

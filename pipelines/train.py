@@ -93,6 +93,9 @@ def train_loop(lc: dict) -> None:
     if rank == 0 and lc.get("run_id"):
         from pipelines.tracking import Tracker
         tracker = Tracker(lc["tracking_uri"], cfg.tracking.experiment)
+    nodes = _worker_nodes(ctx.get_world_size())  # a collective: every rank takes part
+    if tracker is not None:
+        tracker.set_tags(lc["run_id"], {"worker_nodes": ",".join(nodes)})
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device).manual_seed(lc["seed"] * 1000 + rank)
     for epoch in range(start, lc["epochs"]):
@@ -135,6 +138,20 @@ def train_loop(lc: dict) -> None:
             ray.train.report(report)
 
 
+def _worker_nodes(world: int) -> list[str]:
+    """Node id of every worker (rank order): shows where the worker group landed (SPREAD placement)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    import torch.distributed as dist
+
+    nodes: list = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
+
+
 def sync_grads(model: torch.nn.Module) -> None:
     """Average gradients over workers by hand (SCAAT's extra forwards bypass DDP's reducer)."""
     import torch.distributed as dist
@@ -175,7 +192,7 @@ def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: i
     if result.error:
         raise RuntimeError(f"training {name} failed: {result.error}") from result.error
     states: dict[int, bytes] = {}
-    for ckpt, metrics in result.best_checkpoints or [(result.checkpoint, {})]:
+    for ckpt, _metrics in result.best_checkpoints or [(result.checkpoint, {})]:
         with ckpt.as_directory() as d:
             data = open(os.path.join(d, STATE_FILE), "rb").read()
         states[int(load_state(data)["epoch"])] = data
@@ -279,7 +296,7 @@ def _log_model(cfg: Any, tracker: Any, run_id: str, data: bytes, key: str) -> No
     from pipelines.common import load_model
 
     model = load_model(cfg, data, key)
-    example = np.zeros((1, 3, cfg.data.size, cfg.data.size), np.float32)
+    example = np.zeros((2, 3, cfg.data.size, cfg.data.size), np.float32)  # batch 2: a dynamic batch dim in pt2
     with tracker.active(run_id):
         mlflow.pytorch.log_model(
             model, name="model", input_example=example,

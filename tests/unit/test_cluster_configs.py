@@ -1,0 +1,51 @@
+"""The cluster YAMLs parse and name the fields their tools require; image tags match the pinned Ray."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _ray_pin() -> str:
+    text = (ROOT / "pyproject.toml").read_text()
+    hi = re.search(r'"ray\[[^\]]+\]>=[\d.]+,<([\d.]+)"', text).group(1)
+    major, minor = hi.split(".")[:2]
+    return f"{major}.{int(minor) - 1}"  # <2.61 -> 2.60
+
+
+def test_launcher_yaml_has_required_fields():
+    cfg = yaml.safe_load((ROOT / "cluster/aws-gpu.yaml").read_text())
+    for key in ("cluster_name", "provider", "auth", "available_node_types", "head_node_type", "max_workers"):
+        assert key in cfg, key
+    assert cfg["provider"]["type"] == "aws" and cfg["head_node_type"] in cfg["available_node_types"]
+    for node in cfg["available_node_types"].values():
+        assert "node_config" in node and "InstanceType" in node["node_config"]
+    assert cfg["docker"]["image"].startswith(f"rayproject/ray:{_ray_pin()}.")
+    assert cfg["docker"]["image"].endswith("-py311-gpu")
+
+
+def test_rayjob_has_entrypoint_cluster_spec_and_shm():
+    job = yaml.safe_load((ROOT / "cluster/kuberay-rayjob.yaml").read_text())
+    assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
+    spec = job["spec"]
+    assert "pipelines/full.py" in spec["entrypoint"]
+    yaml.safe_load(spec["runtimeEnvYAML"])
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"].startswith(_ray_pin())
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    for pod in pods:
+        shm = [v for v in pod["volumes"] if v.get("emptyDir", {}).get("medium") == "Memory"]
+        assert shm and any(m["mountPath"] == "/dev/shm" for c in pod["containers"] for m in c["volumeMounts"])
+        names = {e["name"] for c in pod["containers"] for e in c["env"]}
+        assert {"MLFLOW_TRACKING_URI", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= names
+        for c in pod["containers"]:  # secrets come from a Secret, never inline
+            for e in c["env"]:
+                if "SECRET" in e["name"] or "KEY_ID" in e["name"]:
+                    assert "valueFrom" in e and "value" not in e
+
+
+def test_runtime_env_parses():
+    env = yaml.safe_load((ROOT / "cluster/runtime_env.yaml").read_text())
+    assert env["working_dir"] == "." and ".venv" in env["excludes"]

@@ -1,0 +1,61 @@
+"""Config loading and validation happen before Ray starts: errors name the key and what is allowed."""
+
+from pathlib import Path
+
+import pytest
+
+from pipelines.config import ROOT, ConfigError, load_config
+
+
+@pytest.mark.parametrize("name", ["smoke", "quick", "paper"])
+def test_shipped_configs_validate(name):
+    path = ROOT / "configs" / f"{name}.yaml"
+    if not path.exists():
+        pytest.skip(f"{path} not shipped")
+    cfg = load_config(path)
+    assert cfg.name == name
+
+
+def test_overrides_are_parsed_as_yaml():
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["train.epochs=3", "sweep.alphas=[0.1, 0.2]",
+                                                     "tracking.uri=sqlite:///x.db", "train.device=cpu"])
+    assert cfg.train.epochs == 3 and cfg.sweep.alphas == [0.1, 0.2]
+    assert cfg.tracking.uri == "sqlite:///x.db" and cfg.train.device == "cpu"
+
+
+@pytest.mark.parametrize("override,match", [
+    ("train.epochz=3", r"train\.epochz: unknown key; allowed keys here: modes, seeds, epochs"),
+    ("bogus.x=1", r"bogus: unknown key"),
+    ("train.epochs=abc", r"train\.epochs: .*integer.*'abc'"),
+    ("train.epochs=0", r"train\.epochs: .*greater than or equal to 1"),
+    ("consistency.similarity=foo", r"consistency\.similarity: .*'cosine', 'pearson' or 'js'.*'foo'"),
+    ("sweep.alphas=[0.5, 1.5]", r"alphas \[1\.5\] out of range"),
+    ("evaluate.methods=[gradcam, nope]", r"unknown method\(s\) \['nope'\]"),
+    ("train.modes=[consistency]", r"'erm' must be in train.modes"),
+])
+def test_bad_values_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(ROOT / "configs/smoke.yaml", [override])
+
+
+def test_rounds_must_fit_in_epochs():
+    with pytest.raises(ConfigError, match=r"rounds=3 x consistency.round_epochs=1 .*train.epochs=2"):
+        load_config(ROOT / "configs/smoke.yaml", ["consistency.rounds=3"])
+
+
+def test_missing_and_malformed_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist; shipped configs: .*smoke.yaml"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="expected key.path=value"):
+        load_config(ROOT / "configs/smoke.yaml", ["train.epochs"])
+
+
+def test_section_hash_tracks_only_its_sections():
+    a = load_config(ROOT / "configs/smoke.yaml")
+    b = load_config(ROOT / "configs/smoke.yaml", ["evaluate.haf_steps=7"])
+    assert a.section_hash("data", "train") == b.section_hash("data", "train")
+    assert a.section_hash("evaluate") != b.section_hash("evaluate")
