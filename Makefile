@@ -27,6 +27,7 @@ bench: $(STAMP)
 
 paper: $(STAMP)
 	$(BIN)/python pipelines/full.py --config configs/paper.yaml
+	cp runs/paper/report/RESULTS.md docs/RESULTS.md
 
 clean:
 	rm -rf $(VENV)

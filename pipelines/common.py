@@ -96,7 +96,8 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device | str = "cpu")
     for k, v in batch.items():
         if not isinstance(v, np.ndarray) or v.dtype == object:
             continue
-        t = torch.from_numpy(np.ascontiguousarray(v))
+        a = np.ascontiguousarray(v)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())  # Arrow buffers are read-only
         if k in ("image", "x_adv") and t.dtype == torch.uint8:
             t = t.float() / 255.0
         out[k] = t.to(device)

@@ -187,7 +187,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         parts.append(_table_html(df, title))
     if summary:
         import pandas as pd
-        parts.append(_table_html(pd.DataFrame(summary).T, "Adversarial detection AUROC (§3b) and model "
+        parts.append(_table_html(pd.DataFrame(summary), "Adversarial detection AUROC (§3b) and model "
                                  "randomisation Spearman (§6)"))
     with tempfile.TemporaryDirectory() as d:
         for name, fig in figures.items():
@@ -207,5 +207,15 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
             p = Path(d) / f"table_{i}.csv"
             df.to_csv(p)
             tracker.log_artifact(stage_run, str(p), "tables")
-    manifest = st.commit(store, STAGE, h, files={"report": [f"{STAGE}/report.html"]}, rows={"tables": len(tables)})
+    from pipelines.results import results_markdown
+
+    dwsol = evaluate.read_frame(store, eval_manifest, "dwsol") if "dwsol" in eval_manifest["files"] else None
+    command = f"python pipelines/full.py --config configs/{cfg.name}.yaml"
+    results = results_markdown(cfg, test, dwsol, summary, sweep_result, command)
+    store.write_bytes(results.encode(), STAGE, "RESULTS.md")
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "RESULTS.md").write_text(results)
+        tracker.log_artifact(stage_run, str(Path(d) / "RESULTS.md"))
+    manifest = st.commit(store, STAGE, h, rows={"tables": len(tables)},
+                         files={"report": [f"{STAGE}/report.html"], "results": [f"{STAGE}/RESULTS.md"]})
     return manifest, True

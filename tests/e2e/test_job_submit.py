@@ -3,6 +3,7 @@ wait for SUCCEEDED, and stop the cluster this test started (and only it)."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -78,7 +79,8 @@ def test_ray_job_submit_smoke(head, tmp_path):
     while time.time() < deadline:
         out = subprocess.run([str(BIN / "ray"), "job", "status", "--address", address, job_id],
                              env=client_env, capture_output=True, text=True, timeout=60).stdout
-        status = next((s for s in ("SUCCEEDED", "FAILED", "STOPPED") if s in out), "")
+        found = re.search(rf"Job '{job_id}' (succeeded|failed|was stopped)", out)
+        status = found.group(1).upper() if found else ""
         if status:
             break
         time.sleep(5)

@@ -170,8 +170,8 @@ def shapes_model():
     from xai_core.data.synthetic import BiasedShapes
     from xai_core.models import SmallResNet
 
-    kw = {"num_classes": 3, "obj_scale": (0.5, 0.8)}
-    n, epochs, bs = 2000, 8, 32
+    kw = {"num_classes": 3, "obj_scale": (0.5, 0.8), "contrast": 0.05}
+    n, epochs, bs = 2000, 12, 32
     train = BiasedShapes(n=n, seed=0, bias=1 / 3, **kw)
     x, y = train.images.float() / 255, train.labels
     threads = torch.get_num_threads()
