@@ -104,8 +104,11 @@ def to_tensors(batch: dict[str, np.ndarray], device: torch.device | str = "cpu")
     return out
 
 
-def set_threads(n: int) -> None:
-    if n > 0:
-        torch.set_num_threads(n)
-    elif os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(max(1, int(os.environ["OMP_NUM_THREADS"])))
+def set_threads(n: int, workers_per_node: int = 1) -> int:
+    """Intra-op threads of a training worker: n, or (n=0) this node's physical cores shared by its
+    workers. Ray sets OMP_NUM_THREADS to the worker's (fractional, logical) CPUs, which on a small box
+    leaves cores idle while the trainer is the only busy process."""
+    if n <= 0:
+        n = max(1, (os.cpu_count() or 1) // max(1, workers_per_node))
+    torch.set_num_threads(n)
+    return n

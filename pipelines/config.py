@@ -72,7 +72,7 @@ class TrainConfig(_Section):
     mixed_precision: bool = False
     placement: Literal["PACK", "SPREAD"] = "PACK"
     max_failures: int = Field(2, ge=0)
-    threads_per_worker: int = Field(0, ge=0)  # 0: Ray's default (OMP_NUM_THREADS from the worker's CPUs)
+    threads_per_worker: int = Field(0, ge=0)  # 0: the node's cores / its training workers
 
 
 class ConsistencyConfig(_Section):

@@ -72,7 +72,15 @@ class Tracker:
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+        if exp is None:
+            # Artifacts beside a SQLite store (absolute): MLflow's default ./mlruns is relative to the
+            # process's cwd, which differs for a Ray job's driver and for workers.
+            location = None
+            if uri.startswith("sqlite:///"):
+                location = Path(uri[len("sqlite:///"):]).resolve().parent.joinpath("mlruns").as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
 
     def find_or_create(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         """A run with these tags (and parent) that already exists, else a new one; returns its id."""

@@ -63,8 +63,8 @@ def train_loop(lc: dict) -> None:
     from pipelines.config import Config
 
     cfg = Config.model_validate(lc["cfg"])
-    set_threads(cfg.train.threads_per_worker)
     ctx = ray.train.get_context()
+    set_threads(cfg.train.threads_per_worker, ctx.get_local_world_size())
     rank = ctx.get_world_rank()
     torch.manual_seed(lc["seed"])
     device = pick_device(cfg.train.device)

@@ -66,13 +66,16 @@ def test_ray_job_submit_smoke(head, tmp_path):
     address, env = head
     client_env = {**env, "RAY_AUTH_MODE": "token"}  # RAY_NOTES: ray start turns token auth on
     runtime = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}}
-    submit = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", str(ROOT),
-         "--runtime-env-json", json.dumps(runtime), "--", "python", "pipelines/full.py",
-         "--config", "configs/smoke.yaml", "--set", f"storage.uri={tmp_path / 'runs'}",
-         "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-         "--set", "evaluate.methods=[gradcam, saliency, tif]", "--set", "train.modes=[erm, scaat]"],
-        env=client_env, capture_output=True, text=True, timeout=300)
+    cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", str(ROOT),
+           "--runtime-env-json", json.dumps(runtime), "--", "python", "pipelines/full.py",
+           "--config", "configs/smoke.yaml", "--set", f"storage.uri={tmp_path / 'runs'}",
+           "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+           "--set", "evaluate.methods=[gradcam, saliency, tif]", "--set", "train.modes=[erm, scaat]"]
+    for _ in range(30):  # the job agent comes up a little after the dashboard answers
+        submit = subprocess.run(cmd, env=client_env, capture_output=True, text=True, timeout=300)
+        if submit.returncode == 0 or "No available agent" not in submit.stderr:
+            break
+        time.sleep(4)
     assert submit.returncode == 0, submit.stderr + submit.stdout
     job_id = next(w.strip("'") for w in submit.stdout.split() if w.strip("'").startswith("raysubmit_"))
     deadline, status = time.time() + 900, ""
