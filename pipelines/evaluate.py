@@ -174,6 +174,10 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
             batch_size=cfg.evaluate.batch_size, batch_format="numpy", ray_remote_args_fn=actor_restarts)
         files[split] = ingest.write_split(store, STAGE, split, out, 1)
         rows[split] = sum(int(pq_rows) for pq_rows in _rows_of(store, files[split]))
+        per_model = len(cfg.evaluate.methods) + (1 if split == "test" else 0)
+        expected = min(limit, ingest_manifest["rows"][split]) * len(models) * per_model
+        if rows[split] != expected:  # a retried batch must not be counted twice, nor one lost
+            raise RuntimeError(f"evaluate {split}: wrote {rows[split]} rows, expected {expected}")
     summary = dataset_checks(cfg, store, ingest_manifest, models, alpha)
     store.write_json(summary, STAGE, "summary.json")
     manifest = st.commit(store, STAGE, h, files=files, rows=rows, alpha=alpha, models=sorted(models))
