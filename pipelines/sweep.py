@@ -76,7 +76,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                      "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
                      "storage": [store.root_uri, store.s3_endpoint, store.s3_region]},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
-        run_config=ray.tune.RunConfig(name=f"{cfg.name}-alpha-{h[:8]}", storage_path=store.uri("tune"),
+        run_config=ray.tune.RunConfig(name=f"{cfg.name}-alpha-{h[:8]}", storage_path=store.path("tune"),
                                       storage_filesystem=store.fs if store.is_s3 else None, verbose=1),
     )
     grid = tuner.fit()
@@ -102,11 +102,13 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                             step=int(round(r["alpha"] * 100)))
     tracker.log_metrics(stage_run, {"best_alpha": best["alpha"], f"best_{cfg.sweep.metric}": best[cfg.sweep.metric]})
     store.write_json({"rows": rows, "best_alpha": best["alpha"], "metric": cfg.sweep.metric}, STAGE, "results.json")
-    manifest = st.commit(store, STAGE, h, best_alpha=best["alpha"], metric=cfg.sweep.metric,
-                         files={"results": [f"{STAGE}/results.json"]}, rows={"trials": len(rows)})
-    if cfg.sweep.train_mode:
-        manifest["train_sweep"] = train_knob_sweep(cfg, store, ingest_manifest, tracker, stage_run, plan)
-        store.write_json(manifest["train_sweep"], STAGE, "train_sweep.json")
+    files = {"results": [f"{STAGE}/results.json"]}
+    if cfg.sweep.train_mode:  # before the commit: the stage is done only when both sweeps are
+        store.write_json(train_knob_sweep(cfg, store, ingest_manifest, tracker, stage_run, plan),
+                         STAGE, "train_sweep.json")
+        files["train_sweep"] = [f"{STAGE}/train_sweep.json"]
+    manifest = st.commit(store, STAGE, h, best_alpha=best["alpha"], metric=cfg.sweep.metric, files=files,
+                         rows={"trials": len(rows)})
     return manifest, True
 
 
@@ -132,7 +134,8 @@ def train_trial(config: dict) -> None:
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
         datasets={"train": ds},
         run_config=ray.train.RunConfig(name=f"trial-{ray.tune.get_context().get_trial_id()}",
-                                       storage_path=store.uri("tune"), callbacks=[TuneReportCallback()]),
+                                       storage_path=store.path("tune"), callbacks=[TuneReportCallback()],
+                                       storage_filesystem=store.fs if store.is_s3 else None),
     )
     trainer.fit()
 
@@ -191,7 +194,8 @@ def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker
                                         scheduler=ASHAScheduler(max_t=cfg.sweep.train_epochs, grace_period=1,
                                                                 time_attr="epoch"),
                                         max_concurrent_trials=1),
-        run_config=ray.tune.RunConfig(name=f"{cfg.name}-train-knobs", storage_path=store.uri("tune")),
+        run_config=ray.tune.RunConfig(name=f"{cfg.name}-train-knobs", storage_path=store.path("tune"),
+                                      storage_filesystem=store.fs if store.is_s3 else None),
     )
     grid = tuner.fit()
     trials = []
@@ -200,8 +204,8 @@ def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker
         metrics = {k: float(v) for k, v in (res.metrics or {}).items()
                    if k in ("val_acc", "val_conflicting_acc", "epoch")}
         trials.append({"knobs": knobs, **metrics})
-        run_id = tracker.find_or_create(f"sweep/train/{res.path.rsplit('/', 1)[-1][:40]}",
-                                        {"xai.stage": "sweep", "xai.trial": str(sorted(knobs.items()))},
+        label = ",".join(f"{k}={v}" for k, v in sorted(knobs.items()))
+        run_id = tracker.find_or_create(f"sweep/train/{label}"[:120], {"xai.stage": "sweep", "xai.trial": label},
                                         parent_id=stage_run)
         tracker.log_params(run_id, knobs)
         tracker.log_metrics(run_id, metrics)
