@@ -49,7 +49,8 @@ def init_ray(cfg: object) -> float:
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = cfg.ray.num_cpus or 2 * (os.cpu_count() or 1)  # logical > physical: RAY_NOTES
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # address="local": always a fresh local cluster, never a stale one from /tmp/ray/ray_current_cluster
+        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
     return float(ray.cluster_resources().get("CPU", 1))
 
 
@@ -63,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run_pipeline(cfg, args)
-    except (ValueError, RuntimeError, OSError, ConnectionError) as e:
+    except Exception as e:  # noqa: BLE001 - the entry point turns errors into a message and an exit code
+        known = isinstance(e, (ValueError, RuntimeError, OSError, ConnectionError)) or \
+            type(e).__module__.startswith(("mlflow", "ray"))
+        if not known or os.environ.get("XAI_DEBUG"):
+            raise
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
@@ -72,7 +77,7 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
     from pipelines import evaluate, ingest, report, sweep, train
     from pipelines import storage as st
     from pipelines.common import resource_plan
-    from pipelines.tracking import Tracker, git_revision, tracking_uri
+    from pipelines.tracking import Tracker, git_revision, redact, tracking_uri
 
     t0 = time.time()
     store = st.from_config(cfg)
@@ -80,7 +85,7 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
     tracker = Tracker(uri, cfg.tracking.experiment)  # fails fast on an unreachable server
     cluster_cpus = init_ray(cfg)
     plan = resource_plan(cluster_cpus, cfg.train.num_workers, cfg.precompute.actors)
-    log.info("storage %s, tracking %s, cluster CPUs %g, plan %s", store.root_uri, uri, cluster_cpus, plan)
+    log.info("storage %s, tracking %s, cluster CPUs %g, plan %s", store.root_uri, redact(uri), cluster_cpus, plan)
     parent = tracker.find_or_create(cfg.name, {"xai.pipeline": cfg.name, "xai.config_hash": cfg.section_hash(
         *[k for k in type(cfg).model_fields if k not in ("ray", "tracking", "name")])})
     tracker.log_params(parent, cfg.model_dump(mode="json"))
@@ -151,7 +156,7 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
         print(f"Done in {time.time() - t0:.0f}s: ran {', '.join(done)}"
               + (f"; skipped committed {', '.join(skipped)}" if skipped else "") + ".")
     print(f"Outputs: {store.root_uri}  (report: {store.uri('report', 'report.html')})")
-    print(f"MLflow:  {uri}  -> review with: mlflow ui --backend-store-uri {uri} --host 127.0.0.1")
+    print(f"MLflow:  {redact(uri)}  -> review with: mlflow ui --backend-store-uri {redact(uri)} --host 127.0.0.1")
     return 0
 
 

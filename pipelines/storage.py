@@ -41,10 +41,55 @@ class Storage:
                           session_token=os.environ.get("AWS_SESSION_TOKEN"))
             self.fs: pafs.FileSystem = pafs.S3FileSystem(**kw)
             self._base = self.root_uri[len("s3://"):].rstrip("/")
+            self._check_bucket()
         else:
             self.fs = pafs.LocalFileSystem()
             self._base = str(Path(self.root_uri).resolve())
             self.root_uri = self._base
+
+    @property
+    def bucket(self) -> str:
+        return self._base.split("/", 1)[0] if self.is_s3 else ""
+
+    def _where(self) -> str:
+        return f"endpoint {self.s3_endpoint}" if self.s3_endpoint else f"AWS S3 region {self.s3_region}"
+
+    def _check_bucket(self) -> None:
+        """Fail before any work if the bucket is missing or unreachable (boto3 HeadBucket, a few seconds
+        at most; pyarrow would only fail at the first write, after ingest has done its work)."""
+        import boto3
+        import botocore.exceptions as bex
+        from botocore import UNSIGNED
+        from botocore.config import Config as BotoConfig
+
+        bucket = self.bucket
+        if not bucket:
+            raise ValueError(f"storage.uri {self.root_uri!r} names no bucket: expected s3://bucket/prefix")
+        conf = dict(region_name=self.s3_region, connect_timeout=5, read_timeout=10,
+                    retries={"max_attempts": 2, "mode": "standard"})
+
+        def head(**extra: Any) -> None:
+            boto3.session.Session().client(
+                "s3", endpoint_url=self.s3_endpoint or None, region_name=self.s3_region,
+                config=BotoConfig(**conf, **extra)).head_bucket(Bucket=bucket)
+
+        try:
+            try:
+                head()
+            except bex.NoCredentialsError:  # pyarrow goes anonymous without credentials: do the same
+                head(signature_version=UNSIGNED)
+        except bex.ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchBucket"):
+                raise ValueError(f"S3 bucket s3://{bucket} does not exist ({self._where()}); create it or "
+                                 f"fix storage.uri={self.root_uri!r}") from None
+            if code in ("403", "AccessDenied"):
+                raise ValueError(f"S3 bucket s3://{bucket}: access denied ({self._where()}); check the AWS "
+                                 "credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or an instance role) "
+                                 "on this machine and on every Ray node") from None
+            raise ValueError(f"S3 bucket s3://{bucket} cannot be checked ({self._where()}): {e}") from None
+        except bex.BotoCoreError as e:  # endpoint unreachable, bad endpoint URL, ...
+            raise ConnectionError(f"S3 bucket s3://{bucket} cannot be reached ({self._where()}): {e}") from None
 
     @property
     def is_s3(self) -> bool:
@@ -70,8 +115,11 @@ class Storage:
         """Write a whole object atomically (S3: one PUT; local: temp file then rename)."""
         target = self.path(*parts)
         if self.is_s3:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
+            try:
+                with self.fs.open_output_stream(target) as f:
+                    f.write(data)
+            except OSError as e:  # name the object and the endpoint (pyarrow names only the key)
+                raise OSError(f"cannot write {self.uri(*parts)} ({self._where()}): {e}") from e
             return
         Path(target).parent.mkdir(parents=True, exist_ok=True)
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"

@@ -61,6 +61,26 @@ def git_revision() -> str:
         return "unknown"
 
 
+def check_server(uri: str, attempts: int = 3, timeout: float = 5.0) -> None:
+    """Fail fast (seconds) on a tracking server that does not answer; MLflow's own client retries for
+    minutes (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7, 120 s timeout), which is right for a flaky server during a
+    run but looks like a hang at startup. Any HTTP answer (even 401/404) counts as reachable."""
+    import time
+
+    import requests
+
+    last: Exception | None = None
+    for i in range(attempts):
+        try:
+            requests.get(uri.rstrip("/") + "/health", timeout=timeout)
+            return
+        except requests.RequestException as e:
+            last = e
+            time.sleep(min(2.0 ** i, 4.0) if i + 1 < attempts else 0)
+    raise ConnectionError(f"MLflow tracking server {redact(uri)} is unreachable after {attempts} attempts "
+                          f"({type(last).__name__}): start it or fix tracking.uri")
+
+
 class Tracker:
     """Thin wrapper over MlflowClient bound to one tracking URI and experiment."""
 
@@ -69,6 +89,8 @@ class Tracker:
         from mlflow.tracking import MlflowClient
 
         self.uri = uri
+        if uri.startswith(("http://", "https://")):
+            check_server(uri)
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(uri)
         exp = self.client.get_experiment_by_name(experiment)
@@ -84,6 +106,7 @@ class Tracker:
 
     def find_or_create(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         """A run with these tags (and parent) that already exists, else a new one; returns its id."""
+        tags = {k: str(v).replace("'", "").replace('"', "") for k, v in tags.items()}  # filter-safe values
         filt = " and ".join([f"tags.`{k}` = '{v}'" for k, v in tags.items()] +
                             ([f"tags.`mlflow.parentRunId` = '{parent_id}'"] if parent_id else []))
         found = self.client.search_runs([self.experiment_id], filter_string=filt, max_results=1,

@@ -184,7 +184,7 @@ def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: i
         scaling_config=scaling,
         datasets={"train": ds},
         run_config=ray.train.RunConfig(
-            name=name, storage_path=store.uri("ray"), storage_filesystem=store.fs if store.is_s3 else None,
+            name=name, storage_path=store.path("ray"), storage_filesystem=store.fs if store.is_s3 else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
     )

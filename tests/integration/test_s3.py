@@ -1,0 +1,128 @@
+"""The pipeline against an S3 endpoint (a local moto server): outputs, reruns, a lost endpoint, a missing bucket."""
+
+import json
+import time
+
+import pytest
+
+from tests.integration.conftest import ROOT, S3_TEST_ENV, free_port
+
+SMOKE = str(ROOT / "configs/smoke.yaml")
+# The smoke config cut to one model and one method: every stage still runs (sweep off, as it only tunes tif).
+REDUCED = ["--set", "train.modes=[erm]", "--set", "sweep.enabled=false", "--set", "evaluate.methods=[gradcam]",
+           "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0"]
+
+
+def _keys(client, bucket, prefix):
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
+
+
+def test_ray_workers_see_the_test_credentials(ray_session, moto_s3):
+    """Workers sign S3 requests with their own environment (Ray's start), not the driver's os.environ."""
+    @ray_session.remote
+    def env():
+        import os
+        return {k: os.environ.get(k) for k in S3_TEST_ENV}
+
+    assert ray_session.get(env.remote()) == S3_TEST_ENV
+
+
+@pytest.mark.slow
+def test_pipeline_on_s3_commits_everything_in_the_bucket_and_reruns_as_no_op(ray_session, moto_s3, tmp_path,
+                                                                              capsys):
+    from pipelines import full
+
+    bucket, client = moto_s3["bucket"], moto_s3["client"]
+    args = ["--config", SMOKE, *REDUCED, "--set", f"storage.uri=s3://{bucket}/runs",
+            "--set", f"storage.s3_endpoint={moto_s3['endpoint']}",
+            "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert full.main(args) == 0
+    out = capsys.readouterr().out
+    assert f"Outputs: s3://{bucket}/runs/smoke" in out
+    keys = _keys(client, bucket, "runs/smoke/")
+    for stage in ("ingest", "train", "train/erm_s0", "evaluate", "report"):
+        assert f"{stage}/_manifest.json" in keys, sorted(keys)
+    for split in ("train", "val", "test", "dwsol"):
+        assert any(k.startswith(f"ingest/{split}/") and k.endswith(".parquet") for k in keys), split
+    assert any(k.startswith("evaluate/test/") and k.endswith(".parquet") for k in keys)
+    assert "train/erm_s0/model.pt" in keys and "report/report.html" in keys
+    assert any(k.startswith("ray/") and k.endswith("/state.pt") for k in keys), "Ray Train checkpoints on S3"
+    assert not any(k.startswith(("sweep/", "precompute/")) for k in keys)
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="runs/smoke/evaluate/_manifest.json")["Body"].read())
+    assert manifest["rows"] == {"test": 16 * 2, "dwsol": 8}  # n_test x (gradcam + none); n_dwsol x gradcam
+    html = client.get_object(Bucket=bucket, Key="runs/smoke/report/report.html")["Body"].read()
+    assert len(html) > 5_000
+
+    assert full.main(args) == 0
+    assert "Nothing to do" in capsys.readouterr().out
+    again = json.loads(client.get_object(Bucket=bucket, Key="runs/smoke/evaluate/_manifest.json")["Body"].read())
+    assert again == manifest
+
+
+@pytest.mark.slow
+def test_endpoint_lost_before_the_manifest_leaves_the_stage_uncommitted_and_a_rerun_redoes_it(
+        ray_session, moto_s3, monkeypatch):
+    """A second endpoint (same moto state) goes away after ingest wrote its Parquet, before its manifest."""
+    from moto.server import ThreadedMotoServer
+
+    from pipelines import ingest
+    from pipelines import storage as st
+    from pipelines.config import load_config
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    cfg = load_config(SMOKE, [f"storage.uri=s3://{moto_s3['bucket']}/lost", f"storage.s3_endpoint={endpoint}"])
+    store = st.from_config(cfg)
+    real_commit = st.commit
+
+    def commit_after_endpoint_died(*a, **kw):
+        server.stop()
+        return real_commit(*a, **kw)
+
+    monkeypatch.setattr(st, "commit", commit_after_endpoint_died)
+    t0 = time.time()
+    with pytest.raises(OSError, match=rf"cannot write s3://{moto_s3['bucket']}/lost/smoke/ingest/_manifest\.json "
+                                      rf"\(endpoint {endpoint}\).*(connect|Connect)"):
+        ingest.run(cfg, store)
+    assert time.time() - t0 < 120
+    monkeypatch.setattr(st, "commit", real_commit)
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)  # the endpoint is back
+    server.start()
+    try:
+        keys = _keys(moto_s3["client"], moto_s3["bucket"], "lost/smoke/ingest/")
+        assert any(k.endswith(".parquet") for k in keys) and "_manifest.json" not in keys  # data, no commit
+        assert st.committed(store, ingest.STAGE, ingest.config_hash(cfg)) is None
+        manifest, did = ingest.run(cfg, store)
+        assert did and manifest["rows"] == {"train": 192, "val": 32, "test": 32, "dwsol": 16}
+        assert st.committed(store, ingest.STAGE, ingest.config_hash(cfg)) == manifest
+        assert ingest.run(cfg, store) == (manifest, False)
+    finally:
+        server.stop()
+
+
+def test_missing_bucket_fails_before_any_work(moto_s3, tmp_path, capsys):
+    from pipelines import full
+
+    db = tmp_path / "mlflow.db"
+    t0 = time.time()
+    rc = full.main(["--config", SMOKE, "--set", "storage.uri=s3://no-such-bucket-xai/runs",
+                    "--set", f"storage.s3_endpoint={moto_s3['endpoint']}", "--set", f"tracking.uri=sqlite:///{db}"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "S3 bucket s3://no-such-bucket-xai does not exist" in err and moto_s3["endpoint"] in err
+    assert time.time() - t0 < 30
+    assert not db.exists()  # failed before the tracking store (and Ray) were touched
+
+
+def test_unreachable_endpoint_names_bucket_and_endpoint(moto_s3):
+    from pipelines.storage import Storage
+
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    t0 = time.time()
+    with pytest.raises(ConnectionError, match=rf"s3://{moto_s3['bucket']} cannot be reached \(endpoint {endpoint}\)"):
+        Storage(f"s3://{moto_s3['bucket']}/runs/x", endpoint)
+    assert time.time() - t0 < 30
