@@ -1,6 +1,7 @@
 """Tiny models shared by the unit tests."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -50,3 +51,16 @@ def tiny_resnet(num_classes: int = 5):
     m = torchvision.models.resnet18(weights=None, num_classes=num_classes)
     m.eval()
     return m
+
+
+def colour_squares(n, seed, size=12, side=5):
+    """Class c = a square of colour channel c at a random position on a dim noisy background."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 3
+    x = 0.2 + 0.2 * torch.rand(n, 3, size, size, generator=g)
+    pos = torch.randint(0, size - side + 1, (n, 2), generator=g)
+    mask = torch.zeros(n, size, size, dtype=torch.bool)
+    for i, (r, c) in enumerate(pos.tolist()):
+        mask[i, r:r + side, c:c + side] = True
+    colour = F.one_hot(y, 3).float()[:, :, None, None] * 0.7 + 0.2
+    return torch.where(mask[:, None], colour.expand_as(x), x), y, mask

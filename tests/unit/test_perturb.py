@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tests.unit._models import TinyCNN
+from tests.unit._models import TinyCNN, colour_squares
 from xai_core._tensor import norm01
 from xai_core.attribution import explain
 from xai_core.perturb import background_mask, fgsm, pgd
@@ -23,19 +23,6 @@ class LinearNet(nn.Module):
 
     def forward(self, x):
         return self.fc(x.flatten(1))
-
-
-def colour_squares(n, seed, size=12, side=5):
-    """Class c = a square of colour channel c at a random position on a dim noisy background."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 3
-    x = 0.2 + 0.2 * torch.rand(n, 3, size, size, generator=g)
-    pos = torch.randint(0, size - side + 1, (n, 2), generator=g)
-    mask = torch.zeros(n, size, size, dtype=torch.bool)
-    for i, (r, c) in enumerate(pos.tolist()):
-        mask[i, r:r + side, c:c + side] = True
-    colour = F.one_hot(y, 3).float()[:, :, None, None] * 0.7 + 0.2
-    return torch.where(mask[:, None], colour.expand_as(x), x), y, mask
 
 
 def _batch(b=4, size=12, seed=1):
