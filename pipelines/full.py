@@ -49,8 +49,11 @@ def init_ray(cfg: object) -> float:
         ray.init(address=address, log_to_driver=True)
     else:
         cpus = cfg.ray.num_cpus or 2 * (os.cpu_count() or 1)  # logical > physical: RAY_NOTES
-        # address="local": always a fresh local cluster, never a stale one from /tmp/ray/ray_current_cluster
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+        # address="local": always a fresh local cluster, never a stale one from /tmp/ray/ray_current_cluster.
+        # The dashboard (on 127.0.0.1) serves the state API that Ray Train's PlacementGroupCleaner polls:
+        # without it a Tune trial's TorchTrainer stopped by ASHA leaks its placement group (and its CPUs).
+        ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 runtime_env=env, log_to_driver=True)
     return float(ray.cluster_resources().get("CPU", 1))
 
 
@@ -106,6 +109,9 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
     def wanted(name: str) -> bool:
         return args.only in (None, name)
 
+    def last(name: str) -> bool:  # --only NAME: stop after that stage
+        return args.only == name
+
     def need(name: str, manifest: object) -> dict:
         if manifest is None:
             raise RuntimeError(f"stage {name} is not committed under {store.root_uri}: run the full pipeline first")
@@ -118,11 +124,17 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
             ing, did = ingest.run(cfg, store, force="ingest" in force)
             tracker.log_metrics(r, {f"rows_{k}": v for k, v in ing["rows"].items()})
             note("ingest", did, r)
+        if last("ingest"):
+            status = "FINISHED"
+            return 0
         ing = need("ingest", st.committed(store, ingest.STAGE, ingest.config_hash(cfg)))
         r = stage_run("train")
         if wanted("train"):
             tr, did = train.run(cfg, store, ing, tracker, r, plan, force="train" in force)
             note("train", did, r)
+        if last("train"):
+            status = "FINISHED"
+            return 0
         tr = need("train", st.committed(store, train.STAGE, train.config_hash(cfg)))
         alpha, sweep_result = cfg.evaluate.tif_alpha, None
         if cfg.sweep.enabled and ("tif" in cfg.evaluate.methods or args.only == "sweep"):
@@ -134,13 +146,16 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
             if store.exists(sweep.STAGE, "results.json"):
                 sweep_result = store.read_json(sweep.STAGE, "results.json")
                 alpha = float(sweep_result["best_alpha"])
-        if args.only == "sweep":
+        if last("sweep"):
             status = "FINISHED"
             return 0
         r = stage_run("evaluate")
         if wanted("evaluate"):
             ev, did = evaluate.run(cfg, store, ing, tr, alpha, tracker, r, plan, force="evaluate" in force)
             note("evaluate", did, r)
+        if last("evaluate"):
+            status = "FINISHED"
+            return 0
         ev = need("evaluate", st.committed(store, evaluate.STAGE, evaluate.config_hash(cfg, alpha)))
         r = stage_run("report")
         if wanted("report"):

@@ -197,7 +197,11 @@ def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-train-knobs", storage_path=store.path("tune"),
                                       storage_filesystem=store.fs if store.is_s3 else None),
     )
-    grid = tuner.fit()
+    before = _live_placement_groups()
+    try:
+        grid = tuner.fit()
+    finally:
+        _release_trial_placement_groups(before)
     trials = []
     for res in grid:
         knobs = res.config["knobs"]
@@ -212,6 +216,30 @@ def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker
         tracker.finish(run_id)
     best = grid.get_best_result()
     return {"trials": trials, "best": best.config["knobs"]}
+
+
+def _live_placement_groups() -> set[str]:
+    import ray._private.state
+
+    return {k for k, v in ray._private.state.state.placement_group_table().items() if v["state"] != "REMOVED"}
+
+
+def _release_trial_placement_groups(before: set[str], wait_s: float = 30.0) -> list[str]:
+    """After the sweep every trial is over, so placement groups created during it must go.
+
+    Ray Train's PlacementGroupCleaner removes the worker group of a trial that Tune stopped, but only where
+    the state API answers (a cluster with a dashboard). Wait for it; remove what it leaves; return those."""
+    import time
+
+    from ray.util.placement_group import PlacementGroup, PlacementGroupID, remove_placement_group
+
+    deadline = time.monotonic() + wait_s
+    while (left := _live_placement_groups() - before) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    for pg_id in sorted(left):
+        log.warning("sweep: placement group %s of a finished trial is still held; removing it", pg_id)
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+    return sorted(left)
 
 
 def main(argv: list[str] | None = None) -> int:

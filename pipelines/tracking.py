@@ -138,6 +138,10 @@ class Tracker:
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500])
 
+    def last_step(self, run_id: str, key: str) -> int:
+        """The highest step logged for a metric of a run (0 when none): lets a resumed writer skip steps."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
+
     def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
         for k, v in redact(tags).items():
             self.client.set_tag(run_id, k, str(v))

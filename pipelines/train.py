@@ -94,8 +94,17 @@ def train_loop(lc: dict) -> None:
         from pipelines.tracking import Tracker
         tracker = Tracker(lc["tracking_uri"], cfg.tracking.experiment)
     nodes = _worker_nodes(ctx.get_world_size())  # a collective: every rank takes part
+    logged = 0  # MLflow steps already in the run: a restarted worker never logs a step twice
     if tracker is not None:
         tracker.set_tags(lc["run_id"], {"worker_nodes": ",".join(nodes)})
+        logged = tracker.last_step(lc["run_id"], "loss")
+        if ckpt is not None:  # a lost worker (FailureConfig) or a rerun after the driver died (same run name)
+            resumed = lc["epoch_offset"] + start
+            if logged < resumed and state.get("metrics"):  # killed between checkpoint and log: log it now
+                tracker.log_metrics(lc["run_id"], state["metrics"], step=resumed)
+                logged = resumed
+            tracker.log_metrics(lc["run_id"], {"resumed_from_epoch": resumed}, step=resumed)
+            print(f"[{lc['mode']} s{lc['seed']}] resumed from epoch {resumed} (Ray Train checkpoint)", flush=True)
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device).manual_seed(lc["seed"] * 1000 + rank)
     for epoch in range(start, lc["epochs"]):
@@ -124,18 +133,21 @@ def train_loop(lc: dict) -> None:
         metrics = {"loss": loss_sum / max(tot, 1), "train_acc": correct / max(tot, 1),
                    "epoch_seconds": time.time() - t0, **{k: v / max(tot, 1) for k, v in extra_sum.items()}}
         if tracker is not None:
-            tracker.log_metrics(lc["run_id"], metrics, step=step)
             print(f"[{lc['mode']} s{lc['seed']}] epoch {step}: loss {metrics['loss']:.4f} "
                   f"train_acc {metrics['train_acc']:.3f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
         report = {**metrics, "epoch": epoch + 1, "global_epoch": step}
         if rank == 0:
             core = getattr(model, "module", model)
             with tempfile.TemporaryDirectory() as d:
-                torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1},
-                           os.path.join(d, STATE_FILE))
+                torch.save({"model": core.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch + 1,
+                            "metrics": metrics}, os.path.join(d, STATE_FILE))
                 ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(d))
         else:
             ray.train.report(report)
+        # Logged once the epoch's checkpoint is persisted: a restart resumes from it and never re-logs a step.
+        if tracker is not None and step > logged:
+            tracker.log_metrics(lc["run_id"], metrics, step=step)
+            logged = step
 
 
 def _worker_nodes(world: int) -> list[str]:

@@ -30,7 +30,8 @@ def ray_session():
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
     if not ray.is_initialized():
         # address="local": a new instance even if `ray start` left /tmp/ray/ray_current_cluster behind
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False,
+        # the dashboard serves the state API Ray Train's placement-group cleaner needs (see full.init_ray)
+        ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **S3_TEST_ENV}})
     yield ray
     ray.shutdown()

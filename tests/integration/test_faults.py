@@ -107,6 +107,85 @@ def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
+# ---------------------------------------------------------- a train worker and a Ray Data actor killed
+def _alive_actor_pids(fragment: str) -> list[int]:
+    import ray
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address  # this session's Ray (another may run on the machine)
+    return [a.pid for a in list_actors(address=gcs, filters=[("state", "=", "ALIVE")], limit=1000)
+            if fragment in a.class_name and a.pid]
+
+
+def _logged_epochs(db: str, model: str) -> int:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("xai-ray-smoke")
+    found = client.search_runs([exp.experiment_id], filter_string=f"tags.`xai.model` = '{model}'") if exp else []
+    return len(client.get_metric_history(found[0].info.run_id, "loss")) if found else 0
+
+
+@pytest.mark.slow
+def test_train_worker_and_precompute_actor_killed_mid_run_recover(ray_session, tmp_path):
+    """SIGKILL the Ray Train worker during ERM epoch 2 and a precompute actor during consistency round 1:
+    training resumes from the epoch-1 checkpoint in the same MLflow run (steps never go backwards) and the
+    precompute stage commits every training sample exactly once."""
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    from pipelines import full
+
+    runs, db = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    n_train = 1536
+    args = ["--config", SMOKE, *[a for c in (
+        "train.modes=[erm,consistency]", f"data.n_train={n_train}", "data.rows_per_shard=256", "train.epochs=3",
+        "consistency.rounds=2", "consistency.round_epochs=1", "consistency.steps=6", "precompute.actors=2",
+        "precompute.batch_size=32", f"storage.uri={runs}", f"tracking.uri={db}") for a in ("--set", c)]]
+    assert full.main(args + ["--only", "ingest"]) == 0
+    result: dict = {}
+    runner = threading.Thread(target=lambda: result.update(rc=full.main(args + ["--only", "train"])), daemon=True)
+    runner.start()
+    killed: dict[str, int] = {}
+    actor_seen_at, committed_at_kill = None, None
+    deadline = time.time() + 600
+    while runner.is_alive() and time.time() < deadline and len(killed) < 2:
+        if "worker" not in killed and _logged_epochs(db, "erm_s0") >= 1:  # epoch 1 checkpointed and logged
+            if pids := _alive_actor_pids("RayTrainWorker"):
+                os.kill(pids[0], signal.SIGKILL)
+                killed["worker"] = pids[0]
+        if "worker" in killed and "actor" not in killed and (pids := _alive_actor_pids("ConsistencyActor")):
+            actor_seen_at = actor_seen_at or time.time()
+            if time.time() - actor_seen_at > 1:  # the actors loaded the checkpoint and are mapping batches
+                os.kill(pids[0], signal.SIGKILL)
+                killed["actor"] = pids[0]
+                committed_at_kill = (runs / "smoke" / "precompute" / "s0_round1" / "_manifest.json").exists()
+        time.sleep(0.2)
+    runner.join(timeout=max(1.0, deadline - time.time()))
+    assert set(killed) == {"worker", "actor"}, killed
+    assert not committed_at_kill  # the actor died mid-stage
+    assert result.get("rc") == 0, result
+
+    client = MlflowClient(db)
+    exp = client.get_experiment_by_name("xai-ray-smoke").experiment_id
+    erm_runs = client.search_runs([exp], filter_string="tags.`xai.model` = 'erm_s0'")
+    assert len(erm_runs) == 1  # the restarted worker logged into the same run
+    run_id = erm_runs[0].info.run_id
+    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2, 3]
+    (resumed,) = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
+    assert resumed in (1.0, 2.0)  # from the last checkpoint, not from scratch
+
+    stage = runs / "smoke" / "precompute" / "s0_round1"
+    manifest = json.loads((stage / "_manifest.json").read_text())
+    assert manifest["rows"] == {"samples": n_train}
+    import pyarrow.parquet as pq
+
+    idx = np.concatenate([pq.read_table(runs / "smoke" / f, columns=["idx"])["idx"].to_numpy()
+                          for f in manifest["files"]["samples"]])
+    assert np.array_equal(np.sort(idx), np.arange(n_train))  # every sample exactly once
+
+
 # ------------------------------------------------------------------------------------- bad inputs
 def _image_folder(root: Path, per_class: int = 10) -> Path:
     from PIL import Image
@@ -183,3 +262,82 @@ def test_checkpoint_of_another_architecture_names_source_and_arch():
         load_model(cfg, data, "runs/other/train/erm_s0/model.pt")
     with pytest.raises(ValueError, match=r"cannot load runs/x/model\.pt"):
         load_model(cfg, b"not a checkpoint", "runs/x/model.pt")
+
+
+def _good_folder(root: Path, classes=("cat", "dog"), per_class: int = 8, masks: bool = True) -> tuple[Path, Path]:
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for cls in classes:
+        (root / "images" / cls).mkdir(parents=True)
+        (root / "masks" / cls).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(root / "images" / cls / f"{i}.png")
+            if masks:
+                m = np.zeros((40, 40), np.uint8)
+                m[10:30, 10:30] = 255
+                Image.fromarray(m).save(root / "masks" / cls / f"{i}.png")
+    return root / "images", root / "masks"
+
+
+def _break_wrong_mask(images: Path, masks: Path) -> str:
+    from PIL import Image
+
+    Image.fromarray(np.zeros((20, 24), np.uint8)).save(masks / "dog" / "3.png")
+    return (f"mask {str(masks / 'dog' / '3.png')!r} has size (24, 20) (W,H) but image "
+            f"{str(images / 'dog' / '3.png')!r} has size (40, 40)")
+
+
+def _break_extra_class(images: Path, masks: Path) -> str:
+    shutil.copytree(images / "dog", images / "emu")
+    return "has 3 classes ['cat', 'dog', 'emu'] but data.num_classes=2"
+
+
+def _break_nan_pixel(images: Path, masks: Path) -> str:
+    from PIL import Image
+
+    a = np.full((40, 40), 0.5, np.float32)
+    a[3, 4] = np.nan
+    Image.fromarray(a).save(images / "cat" / "nan.tif")
+    return (f"bad input {str(images / 'cat' / 'nan.tif')!r}: non-finite pixel value nan at row 3, column 4 "
+            f"(expected finite values)")
+
+
+def _break_empty(images: Path, masks: Path) -> str:
+    for f in images.rglob("*.png"):
+        f.unlink()
+    return f"class folders without images (.png, .jpg, .jpeg, .tif, .tiff) in root {str(images)!r}: cat, dog"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("breaker", [_break_wrong_mask, _break_extra_class, _break_nan_pixel, _break_empty],
+                         ids=["wrong-size-mask", "label-outside-classes", "nan-pixel", "empty-dataset"])
+def test_bad_input_is_named_before_work_and_leaves_the_commit_alone(ray_session, tmp_path, capsys, breaker):
+    """A committed ingest; the data then goes bad; a forced re-ingest fails naming what, where and what was
+    expected, and every committed file is byte-identical afterwards."""
+    from pipelines import full
+
+    images, masks = _good_folder(tmp_path / "data")
+    runs = tmp_path / "runs"
+    args = ["--config", SMOKE, "--only", "ingest", *[a for c in (
+        "data.source=folder", f"data.folder={images}", f"data.mask_dir={masks}", "data.num_classes=2",
+        f"storage.uri={runs}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}") for a in ("--set", c)]]
+    assert full.main(args) == 0
+    before = {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()}
+    assert any(p.name == "_manifest.json" for p in before)
+    expected = breaker(images, masks)
+    capsys.readouterr()
+    assert full.main(args + ["--force", "ingest"]) == 1
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert {p: p.read_bytes() for p in runs.rglob("*") if p.is_file()} == before
+
+
+def test_nan_pixel_image_is_skipped_and_recorded_with_skip(tmp_path):
+    from xai_core.data.folders import ImageFolderWithMasks
+
+    images, masks = _good_folder(tmp_path / "data", per_class=2)
+    _break_nan_pixel(images, masks)
+    ds = ImageFolderWithMasks(images, mask_dir=masks, on_bad_input="skip")
+    assert len(ds) == 4 and [p for p, _ in ds.skipped] == ["cat/nan.tif"]
+    assert "non-finite pixel value nan at row 3, column 4" in ds.skipped[0][1]

@@ -123,3 +123,29 @@ def test_bad_config_fails_before_ray_starts(capsys):
     assert full.main(["--config", "configs/smoke.yaml", "--set", "train.epochz=1"]) == 2
     assert "train.epochz: unknown key" in capsys.readouterr().err
 
+
+
+def test_training_knob_sweep_with_asha(smoke_run):
+    """Each trial trains through a TorchTrainer under Tune; ASHA may stop trials early; each is a nested run;
+    afterwards every trial's worker placement group is gone (the next Ray Data stage gets its CPUs back)."""
+    import ray
+    import ray._private.state
+
+    from pipelines import full
+
+    args = smoke_run["args"] + ["--only", "sweep", "--force", "sweep", "--set", "sweep.train_mode=scaat",
+                                "--set", "sweep.train_space={scaat.keep: [0.3, 0.6]}", "--set", "sweep.train_trials=2",
+                                "--set", "sweep.train_epochs=2", "--set", "sweep.alphas=[0.5]"]
+    assert full.main(args) == 0
+    res = json.loads((smoke_run["store"] / "sweep" / "train_sweep.json").read_text())
+    assert len(res["trials"]) == 2 and res["best"]["scaat.keep"] in (0.3, 0.6)
+    assert all(1 <= t["epoch"] <= 2 and 0 <= t["val_acc"] <= 1 for t in res["trials"])
+    manifest = json.loads((smoke_run["store"] / "sweep" / "_manifest.json").read_text())
+    assert "train_sweep" in manifest["files"]
+    runs = _client(smoke_run["db"]).search_runs(
+        [_client(smoke_run["db"]).get_experiment_by_name("xai-ray-smoke").experiment_id],
+        filter_string="tags.`xai.stage` = 'sweep'", max_results=100)
+    assert any(r.info.run_name.startswith("sweep/train/scaat.keep=") for r in runs)
+    live = [k for k, v in ray._private.state.state.placement_group_table().items() if v["state"] != "REMOVED"]
+    assert live == []
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]

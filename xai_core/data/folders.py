@@ -11,14 +11,27 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import InterpolationMode
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 NO_BOX = (-1, -1, -1, -1)
 _BAD_IMAGE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)  # what PIL raises on corrupt files
+
+
+def _non_finite(im: Image.Image) -> tuple[float, int, int] | None:
+    """(value, row, column) of the first NaN/inf pixel of a floating-point image (TIFF mode F), else None."""
+    if im.mode != "F":
+        return None
+    a = np.asarray(im, dtype=np.float32)
+    bad = np.argwhere(~np.isfinite(a))
+    if len(bad) == 0:
+        return None
+    r, c = (int(v) for v in bad[0])
+    return float(a[r, c]), r, c
 
 
 class ImageFolderWithMasks(torch.utils.data.Dataset):
@@ -87,8 +100,11 @@ class ImageFolderWithMasks(torch.utils.data.Dataset):
             with Image.open(self.root / rel) as im:
                 im.load()
                 img_size = im.size
+                bad = _non_finite(im)
         except _BAD_IMAGE as e:
             return f"unreadable image ({type(e).__name__}: {e})"
+        if bad is not None:
+            return f"non-finite pixel value {bad[0]} at row {bad[1]}, column {bad[2]} (expected finite values)"
         mp = self._mask_path(rel)
         if mp is not None:
             try:
