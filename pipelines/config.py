@@ -73,6 +73,9 @@ class TrainConfig(_Section):
     placement: Literal["PACK", "SPREAD"] = "PACK"
     max_failures: int = Field(2, ge=0)
     threads_per_worker: int = Field(0, ge=0)  # 0: the node's cores / its training workers
+    # A worker keeps its shard in memory after the first epoch when it is at most this size (0: stream every
+    # epoch from Ray Data). Later epochs then shuffle in-process instead of re-reading Parquet.
+    cache_shard_mb: int = Field(2048, ge=0)
 
 
 class ConsistencyConfig(_Section):

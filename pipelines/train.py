@@ -107,13 +107,12 @@ def train_loop(lc: dict) -> None:
             print(f"[{lc['mode']} s{lc['seed']}] resumed from epoch {resumed} (Ray Train checkpoint)", flush=True)
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device).manual_seed(lc["seed"] * 1000 + rank)
+    cache = ShardCache(cfg.train.cache_shard_mb * 2**20)
     for epoch in range(start, lc["epochs"]):
         t0 = time.time()
         model.train()
         tot, correct, loss_sum, extra_sum = 0, 0, 0.0, {}
-        for raw in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy",
-                                      local_shuffle_buffer_size=min(4 * cfg.train.batch_size, 4096),
-                                      local_shuffle_seed=lc["seed"] * 100 + epoch):
+        for raw in cache.epoch(shard, cfg.train.batch_size, seed=lc["seed"] * 100 + epoch):
             batch = to_tensors(raw, device)
             with torch.autocast(device.type, enabled=use_amp):
                 loss, logits, extra = batch_loss(model, batch, lc["mode"], cfg, gen)
@@ -148,6 +147,45 @@ def train_loop(lc: dict) -> None:
         if tracker is not None and step > logged:
             tracker.log_metrics(lc["run_id"], metrics, step=step)
             logged = step
+
+
+class ShardCache:
+    """A training worker's shard: streamed from Ray Data on the first epoch and kept in memory when it
+    fits in ``limit_bytes``; later epochs then shuffle in-process (a full permutation, seeded per epoch).
+
+    Streaming every epoch re-reads and re-converts Parquet through the split coordinator, which on a small
+    CPU box costs more than the model's forward and backward (docs/BENCHMARKS.md). Row counts per worker
+    stay equal (``streaming_split(equal=True)``), so DDP workers keep taking the same number of steps.
+    """
+
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit = limit_bytes
+        self.arrays: dict[str, np.ndarray] | None = None
+        self.too_big = limit_bytes <= 0
+
+    def epoch(self, shard: Any, batch_size: int, seed: int) -> Any:
+        if self.arrays is not None:
+            n = len(next(iter(self.arrays.values())))
+            order = np.random.default_rng(seed).permutation(n)
+            for i in range(0, n, batch_size):
+                idx = np.sort(order[i:i + batch_size])  # sorted: contiguous-ish gathers
+                yield {k: v[idx] for k, v in self.arrays.items()}
+            return
+        kept: list[dict[str, np.ndarray]] = []
+        size = 0
+        for raw in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                      local_shuffle_buffer_size=min(4 * batch_size, 4096), local_shuffle_seed=seed):
+            if not self.too_big:
+                size += sum(v.nbytes for v in raw.values() if isinstance(v, np.ndarray))
+                self.too_big = size > self.limit
+                if self.too_big:
+                    kept.clear()
+                else:
+                    kept.append(raw)
+            yield raw
+        if not self.too_big and kept:
+            keys = [k for k, v in kept[0].items() if isinstance(v, np.ndarray) and v.dtype != object]
+            self.arrays = {k: np.concatenate([b[k] for b in kept]) for k in keys}
 
 
 def _worker_nodes(world: int) -> list[str]:

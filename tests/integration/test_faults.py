@@ -65,7 +65,7 @@ def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_
     store = runs / "smoke"
     cmd = [sys.executable, "pipelines/full.py", "--config", "configs/smoke.yaml", *REDUCED,
            "--set", f"storage.uri={runs}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-           "--set", "ray.num_cpus=4"]
+           "--set", "ray.num_cpus=4", "--set", "train.epochs=3", "--set", "data.n_train=768"]
     # Its own local Ray: no RAY_ADDRESS, and a Ray temp dir of its own (short: Unix socket paths), so it
     # neither attaches to the session's Ray nor to /tmp/ray/ray_current_cluster; the unique RAY_TMPDIR
     # also marks every process of that Ray for the clean-up.
@@ -80,9 +80,10 @@ def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if list(store.glob("ray/*/checkpoint_*/state.pt")):
-                break  # mid-training: epoch 1 of 2 reported its checkpoint
-            time.sleep(0.5)
+            if (tmp_path / "mlflow.db").exists() and _logged_epochs(f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                                                    "erm_s0") >= 1:
+                break  # mid-training: epoch 1 of 3 is checkpointed (metrics are logged after the checkpoint)
+            time.sleep(0.3)
         assert proc.poll() is None, f"the first run ended early:\n{log1.read_text()[-3000:]}"
         assert list(store.glob("ray/*/checkpoint_*")), f"no checkpoint in 240 s:\n{log1.read_text()[-3000:]}"
         ingest_before = (store / "ingest" / "_manifest.json").read_text()
@@ -97,6 +98,7 @@ def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
         assert "skipped committed ingest" in res.stdout, res.stdout
         assert "ran train, evaluate, report" in res.stdout
+        assert "[erm s0] resumed from epoch" in res.stdout  # from the killed run's Ray Train checkpoint
         assert (store / "ingest" / "_manifest.json").read_text() == ingest_before  # not rewritten
         manifest = json.loads((store / "evaluate" / "_manifest.json").read_text())
         assert manifest["rows"] == {"test": 16 * 2, "dwsol": 8}  # n_test x (gradcam + none); n_dwsol x gradcam

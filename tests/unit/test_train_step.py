@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,3 +60,46 @@ def test_warmup_epochs_and_resource_plan():
     assert 2 * plan.train_worker_cpus <= 1
     big = resource_plan(16, num_workers=4, actors=0)
     assert big.actors == 15 and big.train_worker_cpus == 1.0
+
+
+class _FakeShard:
+    """What ShardCache needs of a Ray Train dataset shard: iter_batches (here: fixed order, counted)."""
+
+    def __init__(self, n: int) -> None:
+        self.rows = {"idx": np.arange(n), "image": np.arange(n * 2, dtype=np.uint8).reshape(n, 2)}
+        self.streams = 0
+
+    def iter_batches(self, batch_size, batch_format, local_shuffle_buffer_size, local_shuffle_seed):
+        self.streams += 1
+        n = len(self.rows["idx"])
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self.rows.items()}
+
+
+def test_shard_cache_streams_once_then_permutes_every_row_once_per_epoch():
+    from pipelines.train import ShardCache
+
+    shard, cache = _FakeShard(10), ShardCache(1 << 20)
+    first = list(cache.epoch(shard, 4, seed=1))
+    assert [len(b["idx"]) for b in first] == [4, 4, 2] and shard.streams == 1
+    second = list(cache.epoch(shard, 4, seed=2))
+    third = list(cache.epoch(shard, 4, seed=3))
+    assert shard.streams == 1  # later epochs come from memory
+    for epoch in (second, third):
+        idx = np.concatenate([b["idx"] for b in epoch])
+        assert sorted(idx.tolist()) == list(range(10))
+        for b in epoch:  # rows stay whole: image row i is (2i, 2i+1)
+            assert np.array_equal(b["image"][:, 0], 2 * b["idx"])
+    assert [b["idx"].tolist() for b in second] != [b["idx"].tolist() for b in third]
+    again = ShardCache(1 << 20)
+    list(again.epoch(_FakeShard(10), 4, seed=1))
+    assert [b["idx"].tolist() for b in again.epoch(shard, 4, seed=2)] == [b["idx"].tolist() for b in second]
+
+
+def test_shard_cache_streams_every_epoch_when_the_shard_is_too_big():
+    from pipelines.train import ShardCache
+
+    shard, cache = _FakeShard(10), ShardCache(25)  # 10 rows x (8 + 2) bytes = 100 bytes > 25
+    for seed in range(3):
+        assert sum(len(b["idx"]) for b in cache.epoch(shard, 4, seed=seed)) == 10
+    assert shard.streams == 3 and cache.arrays is None
