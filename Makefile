@@ -24,6 +24,9 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'
 	$(BIN)/python -m bench.attribution
+	$(BIN)/python -m bench.metrics
+	$(BIN)/python -m bench.stages
+	$(BIN)/python -m bench.training
 
 paper: $(STAMP)
 	$(BIN)/python pipelines/full.py --config configs/paper.yaml

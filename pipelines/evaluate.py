@@ -171,7 +171,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                 "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
                 "threads": max(1, int(plan.actor_cpus))},
             compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
-            batch_size=cfg.evaluate.batch_size, batch_format="numpy", ray_remote_args_fn=actor_restarts)
+            batch_size=cfg.evaluate.batch_size, batch_format="numpy", **actor_restarts())
         files[split] = ingest.write_split(store, STAGE, split, out, 1)
         rows[split] = sum(int(pq_rows) for pq_rows in _rows_of(store, files[split]))
         per_model = len(cfg.evaluate.methods) + (1 if split == "test" else 0)

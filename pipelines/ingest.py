@@ -101,16 +101,15 @@ def write_split(store: st.Storage, stage: str, split: str, ds: Any, shards: int)
     return [p[len(store.path()) + 1:] for p in store.list_files(stage, split, suffix=".parquet")]
 
 
-def read_split(store: st.Storage, manifest: dict, split: str, blocks: int | None = None) -> Any:
-    """A Ray Dataset over exactly the files a stage's manifest lists for a split (``blocks``: at least
-    this many blocks, so that an actor pool of that size has work for every actor)."""
+def read_split(store: st.Storage, manifest: dict, split: str) -> Any:
+    """A Ray Dataset over exactly the files a stage's manifest lists for a split (Ray 2.60 packs small
+    files into one read task: repartition before an actor pool, see precompute.consistency_map)."""
     import ray.data
 
     files = [store.path(f) for f in manifest["files"][split]]
     if not files:
         raise ValueError(f"stage {manifest['stage']!r} has no files for split {split!r}")
-    return ray.data.read_parquet(files, filesystem=store.fs,
-                                 override_num_blocks=max(len(files), blocks) if blocks else None)
+    return ray.data.read_parquet(files, filesystem=store.fs)
 
 
 def read_split_numpy(store: st.Storage, manifest: dict, split: str, limit: int | None = None,

@@ -63,10 +63,27 @@ def config_hash(cfg: Any, seed: int, rnd: int) -> str:
     return cfg.section_hash("data", "model", "train", "consistency") + f"-s{seed}-r{rnd}"
 
 
+def consistency_map(src: Any, cfg: Any, store: st.Storage, ckpt_path: str, plan: Any,
+                    udf: type | None = None) -> Any:
+    """The stage's Ray Data map: ``src`` -> per-sample precompute rows on an actor pool of ``plan.actors``.
+
+    read_parquet packs small files into one read task (override_num_blocks does not split them) and an
+    actor pool hands out whole blocks: the input is repartitioned so that every actor gets work
+    (measured in docs/BENCHMARKS.md, stages)."""
+    import ray.data
+
+    return src.repartition(max(1, 2 * plan.actors)).map_batches(
+        udf or ConsistencyActor,
+        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"),
+                               "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
+                               "ckpt_path": ckpt_path, "threads": max(1, int(plan.actor_cpus))},
+        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
+        batch_size=cfg.precompute.batch_size, batch_format="numpy", **actor_restarts())
+
+
 def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str, seed: int, rnd: int,
               tracker: Any, parent_run: str, plan: Any, force: bool = False) -> tuple[dict, np.ndarray]:
     """One precompute round with the checkpoint at ckpt_path; returns (manifest, w indexed by idx)."""
-    import ray.data
 
     from xai_core.objectives import normalise_weights
 
@@ -75,16 +92,9 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
     manifest = None if force else st.committed(store, stage, h)
     if manifest is None:
         st.begin(store, stage)
-        src = ingest.read_split(store, ingest_manifest, "train", blocks=plan.actors).select_columns(
+        src = ingest.read_split(store, ingest_manifest, "train").select_columns(
             ["idx", "image", "label", "group", "mask"])
-        out = src.map_batches(
-            ConsistencyActor,
-            fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"),
-                                   "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
-                                   "ckpt_path": ckpt_path, "threads": max(1, int(plan.actor_cpus))},
-            compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
-            batch_size=cfg.precompute.batch_size, batch_format="numpy",
-            ray_remote_args_fn=actor_restarts)
+        out = consistency_map(src, cfg, store, ckpt_path, plan)
         shards = max(1, -(-ingest_manifest["rows"]["train"] // cfg.data.rows_per_shard))
         files = ingest.write_split(store, stage, "samples", out, shards)
         cols = ingest.read_split_numpy(store, {"files": {"samples": files}, "stage": stage}, "samples",

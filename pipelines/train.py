@@ -125,7 +125,7 @@ def train_loop(lc: dict) -> None:
             n = len(batch["label"])
             tot += n
             correct += int((logits.argmax(1) == batch["label"]).sum())
-            loss_sum += float(loss) * n
+            loss_sum += float(loss.detach()) * n
             for k, v in extra.items():
                 extra_sum[k] = extra_sum.get(k, 0.0) + v * n
         step = lc["epoch_offset"] + epoch + 1

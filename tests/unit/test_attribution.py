@@ -211,3 +211,14 @@ def test_bad_targets_and_inputs_raise():
         explain(model, x[0], t)
     with pytest.raises(ValueError, match="integer class"):
         explain(model, x, t.float())
+
+
+def test_default_pass_size_bounds_the_input_bytes_per_pass():
+    from xai_core.attribution.gradients import PASS_INPUT_BYTES, default_steps_per_pass
+
+    assert PASS_INPUT_BYTES["cpu"] == 8 * 2**20
+    x = torch.zeros(64, 3, 64, 64)  # 3 MiB per step: 2 steps fit in 8 MiB
+    assert default_steps_per_pass(x, 16) == 2
+    assert default_steps_per_pass(x, 1) == 1
+    assert default_steps_per_pass(torch.zeros(16, 3, 224, 224), 16) == 1  # 9.2 MiB: still one step per pass
+    assert default_steps_per_pass(torch.zeros(2, 3, 8, 8), 16) == 16  # tiny: every step in one pass

@@ -9,15 +9,14 @@ import math
 
 import pytest
 
-pytest.importorskip("captum")
-pytest.importorskip("pytorch_grad_cam")
-
 
 def _positive_finite(v):
     return isinstance(v, float) and math.isfinite(v) and v > 0
 
 
 def test_attribution_tiny(tmp_path):
+    pytest.importorskip("captum")  # in [test] and [bench]
+    pytest.importorskip("pytorch_grad_cam")
     from bench import attribution
 
     attribution.main(["--tiny", "--out-dir", str(tmp_path)])
@@ -39,6 +38,8 @@ def test_attribution_tiny(tmp_path):
 
 
 def test_metrics_tiny(tmp_path):
+    pytest.importorskip("captum")
+    pytest.importorskip("pytorch_grad_cam")
     pytest.importorskip("quantus")  # in the [bench] extra, not in [test]
     from bench import metrics
 
@@ -53,3 +54,58 @@ def test_metrics_tiny(tmp_path):
     assert by["deletion curve (AUC)"]["max_abs_diff"] < 1e-5
     assert by["pointing_game"]["max_abs_diff"] == 0
     assert by["model_randomisation"]["max_abs_diff"] < 1e-5
+
+
+def test_stages_tiny(tmp_path):
+    """The precompute actor pools and the plain loop; a Ray instance already up is reused and left up."""
+    import ray
+
+    from bench import stages
+
+    own = not ray.is_initialized()
+    if own:  # as the script would start it; the script must reuse it (and not shut it down)
+        ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
+    try:
+        stages.main(["--tiny", "--out-dir", str(tmp_path)])
+        assert ray.is_initialized()
+    finally:
+        if own:
+            ray.shutdown()
+    data = json.loads((tmp_path / "stages_tiny.json").read_text())
+    assert data["reused_ray"] is True
+    rows = {r["key"]: r for r in data["rows"]}
+    assert {"plain", "1 actor", "2 actors"} <= set(rows)
+    assert set(rows) == {"plain", "1 actor", "2 actors"}
+    for r in rows.values():
+        assert _positive_finite(r["median_s"]) and _positive_finite(r["images_per_s"])
+        assert r["torch_threads"] == 1
+    for key in ("1 actor", "2 actors"):
+        assert rows[key]["actors"] == int(key[0]) and rows[key]["input_blocks"] >= 1
+    assert rows["2 actors"]["input_blocks"] == 4  # the stage repartitions into 2 x actors blocks
+    # --tiny warms up (instrumented) the 1-actor pool only
+    one = rows["1 actor"]
+    assert _positive_finite(one["peak_rss_mib"]) and _positive_finite(one["warmup_pool_start_s"])
+    assert _positive_finite(one["warmup_images_per_s_after_start"])
+    assert {"plain_over_1_actor", "2_actors_over_1_actor"} <= set(data["ratios"])
+    for ratio in data["ratios"].values():
+        assert _positive_finite(ratio["value"]) and isinstance(ratio["met"], bool)
+
+
+def test_training_tiny(tmp_path):
+    from bench import training
+
+    training.main(["--tiny", "--out-dir", str(tmp_path)])
+    data = json.loads((tmp_path / "training_tiny.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    assert set(rows) == {"erm", "consistency", "consistency_epoch_only", "consistency_precompute", "scaat"}
+    for r in rows.values():
+        assert _positive_finite(r["seconds"]) and _positive_finite(r["images_per_s"])
+        assert _positive_finite(r["over_erm"]) and _positive_finite(r["peak_rss_mib"])
+    assert rows["erm"]["over_erm"] == 1.0
+    assert rows["consistency"]["seconds"] > rows["consistency_epoch_only"]["seconds"]  # includes the precompute
+    assert isinstance(rows["consistency"]["met"], bool) and isinstance(rows["scaat"]["met"], bool)
+    assert set(data["children"]) == {"erm", "consistency", "scaat"}
+    for child in data["children"].values():
+        assert child["images"] == 128 and child["threads"] == 1
+        assert all(math.isfinite(v) for v in child["last_epoch"].values())

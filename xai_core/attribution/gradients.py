@@ -13,19 +13,38 @@ from xai_core.attribution._hooks import LayerMaps, layer_maps
 StepReducer = Callable[[LayerMaps, int], dict[str, torch.Tensor]]
 
 
+# Input bytes per forward+backward pass when internal_batch_size is not given. On CPU a pass whose
+# activations outgrow the caches slows down per image: IG with 16 steps on a 64-image batch of the small
+# ResNet (64 px, 1 thread) cost 31.7 units in one 1024-row pass, 27.1 in 512-row passes, 11.8 in 128-row
+# passes (bench/results, docs/BENCHMARKS.md). GPUs want large passes; memory bounds them.
+PASS_INPUT_BYTES = {"cpu": 8 << 20, "cuda": 512 << 20}
+
+
+def default_steps_per_pass(one_step: torch.Tensor, n: int) -> int:
+    """Steps per pass so that a pass holds about PASS_INPUT_BYTES of input (at least 1, at most n)."""
+    budget = PASS_INPUT_BYTES.get(one_step.device.type, PASS_INPUT_BYTES["cpu"])
+    step_bytes = max(1, one_step.numel() * one_step.element_size())
+    return int(min(n, max(1, budget // step_bytes)))
+
+
 def run_steps(model: nn.Module, make_inputs: Callable[[int, int], torch.Tensor], n: int,
               target: torch.Tensor | int, reducer: StepReducer, *, layers: Sequence[str] = (),
               input_grad: bool = False, create_graph: bool = False,
-              internal_batch_size: int | None = None, batch: int) -> dict[str, torch.Tensor]:
+              internal_batch_size: int | None = None, batch: int,
+              step_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Run ``n`` perturbed copies of a batch through forward+backward, several steps per pass.
 
     ``make_inputs(start, count)`` returns ``count`` stacked copies [count*B,C,H,W]; ``reducer`` maps the
     pass's LayerMaps to tensors shaped [count,B,...], summed over all steps. ``internal_batch_size``
-    bounds the rows per pass (at least one step, B rows, per pass).
+    bounds the rows per pass (at least one step, B rows, per pass); without it a pass holds about
+    ``PASS_INPUT_BYTES`` of input for the device.
     """
     if n < 1:
         raise ValueError(f"the number of steps/samples must be >= 1, got {n}")
-    per_pass = n if internal_batch_size is None else max(1, int(internal_batch_size) // batch)
+    if internal_batch_size is None:  # step_input: one step's input (the batch), for sizing the passes
+        per_pass = n if step_input is None else default_steps_per_pass(step_input, n)
+    else:
+        per_pass = max(1, int(internal_batch_size) // batch)
     tgt = target if isinstance(target, int) else torch.as_tensor(target)
     total: dict[str, torch.Tensor] = {}
     for start in range(0, n, per_pass):
@@ -72,7 +91,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor
 
     total = run_steps(model, make, n_steps, target, _input_grad, input_grad=True,
                       create_graph=create_graph, internal_batch_size=internal_batch_size,
-                      batch=x.shape[0])
+                      batch=x.shape[0], step_input=x)
     return diff * total["grad"] / n_steps
 
 
@@ -99,7 +118,7 @@ def smoothgrad(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *,
     total = run_steps(model, noisy_inputs(x, sigma, generator), n_samples, target,
                       lambda lm, c: {"grad": _input_grad(lm, c)["grad"].abs()}, input_grad=True,
                       create_graph=create_graph, internal_batch_size=internal_batch_size,
-                      batch=x.shape[0])
+                      batch=x.shape[0], step_input=x)
     return total["grad"] / n_samples
 
 

@@ -60,7 +60,7 @@ def neuron_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, l
             return res
         tot = run_steps(model, noisy_inputs(x, sigma, generator), n_samples, target, reduce_sg,
                         layers=names, create_graph=create_graph,
-                        internal_batch_size=internal_batch_size, batch=batch)
+                        internal_batch_size=internal_batch_size, batch=batch, step_input=x)
         return {n: (tot["P/" + n] / n_samples, tot["g/" + n] / n_samples) for n in names}
     # integrated_gradients: layer IG with the input interpolation steps shared by all layers:
     # P_l = (A_l(x) - A_l(x0)) * mean_k G_l(x0 + a_k (x - x0)), midpoints a_k = (k + 0.5) / n.
@@ -76,7 +76,7 @@ def neuron_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, l
         return {n: lm.gradients[n].view(count, batch, *lm.gradients[n].shape[1:]) for n in names}
 
     tot = run_steps(model, make, n_steps, target, reduce_ig, layers=names, create_graph=create_graph,
-                    internal_batch_size=internal_batch_size, batch=batch)
+                    internal_batch_size=internal_batch_size, batch=batch, step_input=x)
     # One forward of [x; x0] for the end-point activations of every layer.
     with torch.set_grad_enabled(create_graph), capture(model, names) as acts:
         model(torch.cat([x, x0.to(x.dtype)]))
