@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.stages
 	$(BIN)/python -m bench.training
+	$(BIN)/python -m bench.passes
+	$(BIN)/python -m bench.pass_size
 
 paper: $(STAMP)
 	$(BIN)/python pipelines/full.py --config configs/paper.yaml

@@ -90,3 +90,11 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def publish(payload: dict, name: str, out_dir: Path | str | None, table_md: str) -> dict:
+    """Write the JSON, print the markdown table and where the JSON went; returns ``payload``."""
+    path = write_json(payload, name, out_dir)
+    print(table_md)
+    print(f"\nwritten: {path}")
+    return payload

@@ -30,7 +30,7 @@ from pytorch_grad_cam import GradCAM, GradCAMPlusPlus, LayerCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from bench._timing import fix_threads, machine, markdown_table, measure, unit_fn, write_json
+from bench._timing import fix_threads, machine, markdown_table, measure, publish, unit_fn
 from xai_core.attribution import explain
 from xai_core.models import SmallResNet, build_model
 
@@ -201,10 +201,7 @@ def main(argv: list[str] | None = None) -> dict:
                "command": "python -m bench.attribution " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": rows}
     name = "attribution" + ("_tiny" if args.tiny else "") + ("" if set(keys) == set(cfgs) else "_" + "_".join(keys))
-    path = write_json(payload, name, args.out_dir)
-    print(table(rows))
-    print(f"\nwritten: {path}")
-    return payload
+    return publish(payload, name, args.out_dir, table(rows))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import numpy as np
 import quantus
 import torch
 
-from bench._timing import fix_threads, machine, markdown_table, measure, write_json
+from bench._timing import fix_threads, machine, markdown_table, measure, publish
 from xai_core.attribution import explain
 from xai_core.data.synthetic import BiasedShapes
 from xai_core.metrics import gini, model_randomisation, pointing_game
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                "quantus": quantus.__version__,
                "command": "python -m bench.metrics " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": rows}
-    path = write_json(payload, "metrics_tiny" if args.tiny else "metrics", args.out_dir)
-    print(table(rows))
-    print(f"\nwritten: {path}")
-    return payload
+    return publish(payload, "metrics_tiny" if args.tiny else "metrics", args.out_dir, table(rows))
 
 
 if __name__ == "__main__":

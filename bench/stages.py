@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench._timing import fix_threads, machine, markdown_table, measure, write_json
+from bench._timing import fix_threads, machine, markdown_table, measure, publish
 from pipelines import ingest
 from pipelines.common import make_model, resource_plan, state_bytes
 from pipelines.config import ROOT, Config, load_config
@@ -330,10 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "the plain loop is one process with 1 torch thread; its call includes building "
                          "ConsistencyActor (checkpoint load)",
                          f"targets: 2 actors >= {TARGET_SCALING}x 1 actor; plain / 1 actor <= {TARGET_OVERHEAD}"]}
-    path = write_json(payload, "stages_tiny" if args.tiny else "stages", args.out_dir)
-    print(table(out))
-    print(f"\nwritten: {path}")
-    return payload
+    return publish(payload, "stages_tiny" if args.tiny else "stages", args.out_dir, table(out))
 
 
 if __name__ == "__main__":

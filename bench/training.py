@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench._timing import fix_threads, machine, markdown_table, measure, write_json
+from bench._timing import fix_threads, machine, markdown_table, measure, publish
 from pipelines.config import ROOT, Config, load_config
 
 MODES = ("erm", "consistency", "scaat")
@@ -312,10 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "runs an actor pool of 1-thread actors), plus normalise_weights",
                          "peak RSS: the child's VmHWM (ru_maxrss_mib kept: it inherits the parent's peak)",
                          f"targets: consistency (epoch + precompute / round_epochs) and SCAAT <= {TARGET}x ERM"]}
-    path = write_json(payload, "training_tiny" if args.tiny else "training", args.out_dir)
-    print(table(rows))
-    print(f"\nwritten: {path}")
-    return payload
+    return publish(payload, "training_tiny" if args.tiny else "training", args.out_dir, table(rows))
 
 
 if __name__ == "__main__":

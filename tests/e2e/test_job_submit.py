@@ -41,13 +41,14 @@ def _wait_http(url: str, timeout: float) -> None:
 
 @pytest.fixture
 def head(tmp_path):
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
            "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180"}
     temp = Path("/tmp") / f"ray_e2e_{os.getpid()}"  # Ray's socket paths must stay short
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
+         f"--dashboard-agent-listen-port={agent}",  # not 52365: another local Ray's agent may hold it
          f"--temp-dir={temp}"],
         env=env, cwd=tmp_path, stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT,
         start_new_session=True)

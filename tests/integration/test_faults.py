@@ -80,9 +80,8 @@ def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_
     try:
         deadline = time.time() + 240
         while time.time() < deadline and proc.poll() is None:
-            if (tmp_path / "mlflow.db").exists() and _logged_epochs(f"sqlite:///{tmp_path / 'mlflow.db'}",
-                                                                    "erm_s0") >= 1:
-                break  # mid-training: epoch 1 of 3 is checkpointed (metrics are logged after the checkpoint)
+            if _checkpointed(store / "ray", "erm_s0"):
+                break  # mid-training: Ray Train registered the checkpoint of epoch 1 of 3
             time.sleep(0.3)
         assert proc.poll() is None, f"the first run ended early:\n{log1.read_text()[-3000:]}"
         assert list(store.glob("ray/*/checkpoint_*")), f"no checkpoint in 240 s:\n{log1.read_text()[-3000:]}"
@@ -119,6 +118,18 @@ def _alive_actor_pids(fragment: str) -> list[int]:
             if fragment in a.class_name and a.pid]
 
 
+def _checkpointed(ray_dir: Path, model: str) -> bool:
+    """Ray Train registered at least one checkpoint of this model's run (its manager snapshot lists it):
+    only then does a restarted worker group, or a rerun, resume instead of starting over."""
+    for snap in ray_dir.glob(f"*{model}*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snap.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):  # being written
+            continue
+    return False
+
+
 def _logged_epochs(db: str, model: str) -> int:
     from mlflow.tracking import MlflowClient
 
@@ -153,7 +164,8 @@ def test_train_worker_and_precompute_actor_killed_mid_run_recover(ray_session, t
     actor_seen_at, committed_at_kill = None, None
     deadline = time.time() + 600
     while runner.is_alive() and time.time() < deadline and len(killed) < 2:
-        if "worker" not in killed and _logged_epochs(db, "erm_s0") >= 1:  # epoch 1 checkpointed and logged
+        if "worker" not in killed and _checkpointed(runs / "smoke" / "ray", "erm_s0") \
+                and _logged_epochs(db, "erm_s0") >= 1:  # epoch 1 checkpointed, registered and logged
             if pids := _alive_actor_pids("RayTrainWorker"):
                 os.kill(pids[0], signal.SIGKILL)
                 killed["worker"] = pids[0]

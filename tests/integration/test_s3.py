@@ -45,7 +45,7 @@ def mlflow_server_s3(moto_s3, tmp_path):
          "--port", str(port), "--workers", "1"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    deadline = time.time() + 300  # seconds on an idle box; minutes when the box is busy
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:

@@ -109,3 +109,25 @@ def test_training_tiny(tmp_path):
     for child in data["children"].values():
         assert child["images"] == 128 and child["threads"] == 1
         assert all(math.isfinite(v) for v in child["last_epoch"].values())
+
+
+def test_passes_tiny_counts_the_algorithms_passes(tmp_path):
+    """The hook counts equal the pass counts derived from METHODS §5a/§5b for the quick config's steps."""
+    from bench import passes
+
+    data = passes.main(["--tiny", "--out-dir", str(tmp_path)])
+    rows = {r["mode"]: r for r in data["rows"]}
+    s, c = data["config"]["scaat_steps"], data["config"]["consistency_steps"]
+    assert (rows["erm"]["forwards"], rows["erm"]["backwards"]) == (1, 1)
+    assert (rows["scaat"]["forwards"], rows["scaat"]["backwards"]) == (s + 3, s + 3)
+    assert (rows["consistency_precompute"]["forwards"], rows["consistency_precompute"]["backwards"]) == (c + 2, c)
+    assert data["counts_match_algorithm"] and all(_positive_finite(r["x_erm_step"]) for r in rows.values())
+
+
+def test_pass_size_tiny(tmp_path):
+    from bench import pass_size
+
+    rows = {r["call"]: r for r in pass_size.main(["--tiny", "--out-dir", str(tmp_path)])["rows"]}
+    assert {"unit", "plain forwards", "ig ibs=None", "ig ibs=64", "deletion chunk=None",
+            "deletion chunk=32"} <= set(rows)
+    assert all(_positive_finite(r["units"]) for r in rows.values())

@@ -88,7 +88,7 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, t
 
     Returns (curves [B,n_steps+1], fractions [n_steps+1]) with fractions[k] = (k*N // n_steps) / N,
     the share of the N pixels changed at point k. All B*(n_steps+1) images run in batched forwards of
-    at most ``chunk_size`` images. METHODS §6
+    at most ``chunk_size`` images (default: about 8 MiB of input per forward on CPU). METHODS §6
     """
     check_images(x)
     check_maps(maps)
@@ -110,7 +110,7 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, t
         other = _fill_images(x, fill)
         start, end = (x, other) if mode == "deletion" else (other, x)
         total = b * steps
-        per = total if chunk_size is None else int(chunk_size)
+        per = _default_rows(x[:1], total) if chunk_size is None else int(chunk_size)
         probs = []
         for r0 in range(0, total, per):
             rows = torch.arange(r0, min(r0 + per, total), device=x.device)
@@ -124,6 +124,14 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, t
             probs.append(p.gather(1, t[bi].unsqueeze(1)).squeeze(1))
     curves = torch.cat(probs).view(b, steps)
     return curves, counts.to(curves.dtype) / n
+
+
+def _default_rows(one_image: torch.Tensor, total: int) -> int:
+    """Images per forward when chunk_size is not given: about PASS_INPUT_BYTES of input per pass (one
+    pass over all B*(n_steps+1) images outgrows the caches on CPU: docs/BENCHMARKS.md, metrics)."""
+    from xai_core.attribution.gradients import default_steps_per_pass
+
+    return default_steps_per_pass(one_image, total)
 
 
 def _auc(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor | int, n_steps: int,
