@@ -91,6 +91,7 @@ class ConsistencyConfig(_Section):
     similarity: Literal["cosine", "pearson", "js"] = "cosine"
     power: float = Field(1.0, gt=0)
     w_min: float = Field(0.1, ge=0, lt=1)
+    w_max: float | None = Field(None, ge=1)  # cap on a weight (mean 1); None: no cap (the paper)
 
 
 class ScaatConfig(_Section):

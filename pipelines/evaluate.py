@@ -7,6 +7,7 @@ model randomisation §6) run on the driver. Output: evaluate/{test,dwsol}/*.parq
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -62,8 +63,12 @@ class EvalActor:
         self.alpha, self.split = alpha, split
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
         with torch.enable_grad():
-            return self._dwsol(batch) if self.split == "dwsol" else self._test(batch)
+            out = self._dwsol(batch) if self.split == "dwsol" else self._test(batch)
+        print(f"[evaluate {self.split}] {len(batch['idx'])} images x {len(self.models)} models x "
+              f"{len(self.cfg.evaluate.methods)} methods in {time.perf_counter() - t0:.0f} s", flush=True)
+        return out
 
     def _rows(self, batch: dict, key: str, method: str, cols: dict[str, torch.Tensor]) -> dict:
         n = len(batch["idx"])
@@ -216,7 +221,8 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
     if n == 0:
         return out
     data = to_tensors(ingest.read_split_numpy(store, ingest_manifest, "test", limit=n))
-    for key, path in models.items():
+    for i, (key, path) in enumerate(models.items()):
+        t0 = time.perf_counter()
         model = load_model(cfg, store.read_bytes(path), path)
         res: dict[str, float] = {}
         if e.detection_images:
@@ -234,6 +240,8 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
                 for layer, rho in corr.items():
                     res[f"randomisation_{method}_{layer}"] = float(torch.nanmean(rho))
         out[key] = res
+        print(f"[evaluate checks] {key} ({i + 1}/{len(models)}): detection on {e.detection_images} images, "
+              f"randomisation on {e.randomisation_images} in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 
 

@@ -60,7 +60,9 @@ class ConsistencyActor:
 
 
 def config_hash(cfg: Any, seed: int, rnd: int) -> str:
-    return cfg.section_hash("data", "model", "train", "consistency") + f"-s{seed}-r{rnd}"
+    from pipelines.train import model_hash
+
+    return model_hash(cfg, "consistency", seed) + f"-r{rnd}"
 
 
 def consistency_map(src: Any, cfg: Any, store: st.Storage, ckpt_path: str, plan: Any,
@@ -104,7 +106,7 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
             raise RuntimeError(f"precompute {stage}: wrote {len(cols['idx'])} rows "
                                f"({len(np.unique(cols['idx']))} distinct) for {n} training samples")
         w = normalise_weights(torch.from_numpy(cols["v"]), power=cfg.consistency.power,
-                              w_min=cfg.consistency.w_min).numpy()
+                              w_min=cfg.consistency.w_min, w_max=cfg.consistency.w_max).numpy()
         import pyarrow as pa
         import pyarrow.parquet as pq
 

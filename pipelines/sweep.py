@@ -165,7 +165,7 @@ def _train_trial_loop(lc: dict) -> None:
                 c = cfg.consistency
                 batch["w"] = consistency_weights(model, batch["image"], batch["label"].long(),
                                                  eps=c.eps, steps=c.steps, similarity=c.similarity,
-                                                 power=c.power, w_min=c.w_min).w.detach()
+                                                 power=c.power, w_min=c.w_min, w_max=c.w_max).w.detach()
             loss, _, _ = batch_loss(model, batch, mode, cfg)
             opt.zero_grad()
             loss.backward()

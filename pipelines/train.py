@@ -30,6 +30,24 @@ def config_hash(cfg: Any) -> str:
     return cfg.section_hash("data", "model", "train", "consistency", "scaat")
 
 
+# Settings that change how a model is trained but not what it learns: a model is not retrained for them.
+_RUNTIME_KEYS = {"modes", "seeds", "max_failures", "placement", "threads_per_worker", "cache_shard_mb"}
+
+
+def model_hash(cfg: Any, mode: str, seed: int) -> str:
+    """What one (mode, seed) model depends on: data, model, the training settings and its mode's own
+    section (consistency starts from the ERM warm-up, whose inputs are the same). Changing a SCAAT knob
+    retrains only the SCAAT models; adding a seed trains only the new ones."""
+    import hashlib
+    import json
+
+    payload = {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+               "train": cfg.train.model_dump(mode="json", exclude=_RUNTIME_KEYS), "mode": mode, "seed": seed}
+    if mode in ("consistency", "scaat"):
+        payload[mode] = getattr(cfg, mode).model_dump(mode="json")
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def warmup_epochs(cfg: Any) -> int:
     """Epochs of plain training before consistency round 1 (round 0 = the ERM model at this epoch)."""
     return cfg.train.epochs - (cfg.consistency.rounds - 1) * cfg.consistency.round_epochs
@@ -281,15 +299,16 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
         st.begin(store, STAGE)
         store.remove_dir("ray")
         store.remove_dir(precompute.STAGE)
-    elif store.exists(STAGE, st.MANIFEST):  # committed for another config: start over
-        st.begin(store, STAGE)
+    elif store.exists(STAGE, st.MANIFEST):  # committed for another config: each model's own manifest
+        store.fs.delete_file(store.path(STAGE, st.MANIFEST))  # decides whether it is trained again
     train_ds = ingest.read_split(store, ingest_manifest, "train").select_columns(["idx", "image", "label"])
     models: dict[str, str] = {}
     for seed in cfg.train.seeds:
         for mode in cfg.train.modes:
             key = model_key(mode, seed)
             models[key] = f"{STAGE}/{key}/model.pt"
-            if _model_done(store, key, h):
+            mh = model_hash(cfg, mode, seed)
+            if _model_done(store, key, mh):
                 log.info("train: %s already committed, skipped", key)
                 continue
             run_id = tracker.find_or_create(f"train/{key}", {"xai.stage": "train", "xai.model": key},
@@ -298,32 +317,40 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
                                         mode: getattr(cfg, mode).model_dump() if mode != "erm" else {}})
             common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan}
             if mode == "consistency":
-                final = _train_consistency(cfg, store, ingest_manifest, tracker, h, key, common)
+                final = _train_consistency(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
             else:
                 states, last = fit(cfg, store, train_ds, mode=mode, epochs=cfg.train.epochs,
-                                   name=f"{cfg.name}-{key}-{h[:8]}", **common)
+                                   name=f"{cfg.name}-{key}-{mh[:8]}", **common)
                 final = states[last]
                 if mode == "erm":  # round 0 of consistency training starts here (METHODS §5a)
                     w0 = warmup_epochs(cfg)
                     if w0 in states:
-                        store.write_bytes(states[w0], STAGE, f"{key}_warmup.pt")
-            _save_model(store, key, h, final, mode=mode, seed=seed)
+                        store.write_bytes(states[w0], warmup_path(cfg, seed))
+            _save_model(store, key, mh, final, mode=mode, seed=seed)
             _log_model(cfg, tracker, run_id, final, key)
             tracker.finish(run_id)
     manifest = st.commit(store, STAGE, h, files=models, rows={"models": len(models)})
     return manifest, True
 
 
-def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, h: str,
-                       key: str, common: dict) -> bytes:
+def warmup_path(cfg: Any, seed: int) -> str:
+    """Where the ERM checkpoint that starts consistency training lives (named by epoch and ERM config)."""
+    return f"{STAGE}/{model_key('erm', seed)}_warmup_e{warmup_epochs(cfg)}_{model_hash(cfg, 'erm', seed)[:8]}.pt"
+
+
+def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any,
+                       h: str, key: str, common: dict) -> bytes:
     """Rounds 1..R-1: precompute weights with the latest checkpoint, then train round_epochs."""
     from pipelines import precompute
 
     seed = common["seed"]
-    init = f"{STAGE}/{model_key('erm', seed)}_warmup.pt"
-    if not store.exists(init):
-        raise RuntimeError(f"the ERM warm-up checkpoint {init} is missing: train the erm mode first")
+    init = warmup_path(cfg, seed)
     offset = warmup_epochs(cfg)
+    if not store.exists(init):  # erm not among the modes, or trained under another consistency schedule
+        log.info("train: %s: training the ERM warm-up (%d epochs) first", key, offset)
+        states, last = fit(cfg, store, train_ds, mode="erm", epochs=offset,
+                           name=f"{cfg.name}-{model_key('erm', seed)}-warmup{offset}-{h[:8]}", **common)
+        store.write_bytes(states[last], init)
     data = store.read_bytes(init)
     for r in range(1, cfg.consistency.rounds):
         pre_manifest, w = precompute.run_round(cfg, store, ingest_manifest, init, seed, r, tracker,

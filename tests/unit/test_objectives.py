@@ -137,6 +137,21 @@ def test_normalise_weights_mean_one_all_zero_and_errors():
         normalise_weights(torch.ones(3), w_min=2)
 
 
+def test_normalise_weights_cap_hand_example():
+    # w (power 1, floor .1) = [3, 22.5, 67.5] / 31 = [.0968, .7258, 2.1774]; cap 1.5: the largest -> 1.5,
+    # the other two share 3 - 1.5 = 1.5 in their ratio 3 : 22.5 -> [1.5 * 3/25.5, 1.5 * 22.5/25.5]
+    w = normalise_weights(torch.tensor([0.0, 1.0, 3.0]), power=1.0, w_min=0.1, w_max=1.5)
+    torch.testing.assert_close(w, torch.tensor([1.5 * 3 / 25.5, 1.5 * 22.5 / 25.5, 1.5]))
+    # a second weight crosses the cap once the first is capped: v = [0, 0, 4, 5] -> w = [.1, .1, 1.6, 2] / .95
+    # = [.105, .105, 1.684, 2.105]; cap 1.2: 2.105 capped, the rest * (4 - 1.2)/1.895 -> 2.49 > 1.2: capped
+    # too; then the two smallest share 4 - 2.4 = 1.6 equally
+    w = normalise_weights(torch.tensor([0.0, 0.0, 4.0, 5.0]), w_min=0.1, w_max=1.2)
+    torch.testing.assert_close(w, torch.tensor([0.8, 0.8, 1.2, 1.2]))
+    assert torch.equal(normalise_weights(torch.tensor([0.0, 1.0, 3.0]), w_max=1.0), torch.ones(3))
+    with pytest.raises(ValueError, match=r"w_max=0\.5.*>= 1"):
+        normalise_weights(torch.ones(3), w_max=0.5)
+
+
 def test_weighted_cross_entropy_hand_example():
     logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
     y = torch.tensor([1, 0])

@@ -103,3 +103,25 @@ def test_shard_cache_streams_every_epoch_when_the_shard_is_too_big():
     for seed in range(3):
         assert sum(len(b["idx"]) for b in cache.epoch(shard, 4, seed=seed)) == 10
     assert shard.streams == 3 and cache.arrays is None
+
+
+def test_model_hash_retrains_only_what_a_change_touches():
+    from pipelines.train import model_hash, warmup_path
+
+    base = _cfg()
+    modes = ("erm", "consistency", "scaat")
+    h = {m: model_hash(base, m, 0) for m in modes}
+    assert len(set(h.values())) == 3 and model_hash(base, "erm", 1) != h["erm"]
+    scaat = _cfg("scaat.lam=0.5")
+    assert [model_hash(scaat, m, 0) == h[m] for m in modes] == [True, True, False]
+    cons = _cfg("consistency.w_max=5")
+    assert [model_hash(cons, m, 0) == h[m] for m in modes] == [True, False, True]
+    # runtime settings and the list of seeds/modes do not retrain anything
+    other = _cfg("train.seeds=[0,7]", "train.modes=[erm]", "train.max_failures=0", "train.cache_shard_mb=0")
+    assert all(model_hash(other, m, 0) == h[m] for m in modes)
+    lr = _cfg("train.lr=0.01")
+    assert all(model_hash(lr, m, 0) != h[m] for m in modes)
+    # the ERM warm-up checkpoint is named by its epoch and ERM config: a new schedule cannot pick up a stale one
+    sched = _cfg("consistency.round_epochs=2", "train.epochs=6")
+    assert warmup_path(base, 0) != warmup_path(sched, 0)
+    assert warmup_path(base, 0).startswith(f"train/erm_s0_warmup_e{warmup_epochs(base)}_")

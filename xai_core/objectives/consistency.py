@@ -102,12 +102,16 @@ def explanation_consistency(model: nn.Module, x: torch.Tensor, y: torch.Tensor |
                              cam_adv=cam_adv.detach())
 
 
-def normalise_weights(v: torch.Tensor, power: float = 1.0, w_min: float = 0.1) -> torch.Tensor:
+def normalise_weights(v: torch.Tensor, power: float = 1.0, w_min: float = 0.1,
+                      w_max: float | None = None) -> torch.Tensor:
     """w proportional to v**power, scaled to mean 1, floored at w_min, rescaled to mean 1. # METHODS §5a
 
     Apply it to the raw weights of the WHOLE dataset (the mean is over v). If every v is 0 (every
     explanation survived the attack unchanged) there is nothing to prefer: all ones (plain training).
     After the final rescaling a floored weight is w_min / mean(floored w), slightly below w_min.
+    ``w_max`` (an extension, not in the paper) caps the largest weights: the weights above it are set to
+    w_max and the rest scaled so that the mean stays 1 (exactly; needs w_max >= 1). A handful of samples
+    whose map vanished under the attack can otherwise carry 50x the mean weight and dominate a batch.
     """
     v = torch.as_tensor(v)
     dtype = v.dtype if v.is_floating_point() else torch.get_default_dtype()
@@ -123,17 +127,38 @@ def normalise_weights(v: torch.Tensor, power: float = 1.0, w_min: float = 0.1) -
     u = v.double() ** power
     if not bool((u > 0).any()):
         return torch.ones(v.shape, dtype=dtype, device=v.device)
+    if w_max is not None and not w_max >= 1:
+        raise ValueError(f"w_max={w_max} is out of range: allowed values are >= 1 (the mean weight is 1)")
     w = (u / u.mean()).clamp_min(w_min)
     w = w / w.mean()
+    if w_max is not None:
+        w = _cap(w, w_max)
     return w.to(dtype)
 
 
+def _cap(w: torch.Tensor, w_max: float) -> torch.Tensor:
+    """Mean-1 weights with none above w_max: capped ones at w_max, the others scaled by one factor."""
+    capped = torch.zeros_like(w, dtype=torch.bool)
+    n = w.numel()
+    for _ in range(n):  # each pass caps at least one more weight or stops
+        free = ~capped
+        if not bool(free.any()):
+            break
+        scale = (n - w_max * capped.sum()) / w[free].sum()
+        new = free & (w * scale > w_max)
+        if not bool(new.any()):
+            return torch.where(capped, torch.full_like(w, w_max), w * scale)
+        capped |= new
+    return torch.full_like(w, w_max)
+
+
 def consistency_weights(model: nn.Module, x: torch.Tensor, y: torch.Tensor | int, *,
-                        power: float = 1.0, w_min: float = 0.1, **kwargs: object) -> ConsistencyResult:
+                        power: float = 1.0, w_min: float = 0.1, w_max: float | None = None,
+                        **kwargs: object) -> ConsistencyResult:
     """explanation_consistency + normalise_weights over this batch (the pipeline normalises over the
     whole dataset instead). ``kwargs`` are those of ``explanation_consistency``. # METHODS §5a"""
     res = explanation_consistency(model, x, y, **kwargs)
-    res.w = normalise_weights(res.v, power=power, w_min=w_min)
+    res.w = normalise_weights(res.v, power=power, w_min=w_min, w_max=w_max)
     return res
 
 
