@@ -125,21 +125,37 @@ def alpha_figure(sweep: dict) -> Any:
     return fig
 
 
-def weights_figure(store: st.Storage) -> Any | None:
+def reweighting_rounds(cfg: Any, store: st.Storage) -> list[dict]:
+    """The committed precompute rounds of this config: seed, round, the weight statistics by bias group
+    and the weights file (stale rounds of another config are left out)."""
+    from pipelines import precompute
+
+    out = []
+    if "consistency" not in cfg.train.modes:
+        return out
+    for seed in cfg.train.seeds:
+        for rnd in range(1, cfg.consistency.rounds):
+            m = st.committed(store, f"{precompute.STAGE}/s{seed}_round{rnd}", precompute.config_hash(cfg, seed, rnd))
+            if m and m["files"].get("weights"):
+                out.append({"seed": seed, "round": rnd, **m.get("stats", {}), "weights": m["files"]["weights"][0]})
+    return out
+
+
+def weights_figure(store: st.Storage, rounds: list[dict]) -> Any | None:
     """Per-sample consistency weights against the bias group, for every precompute round."""
     import matplotlib.pyplot as plt
     import pyarrow.parquet as pq
 
-    files = store.list_files("precompute", suffix="weights.parquet")
-    if not files:
+    if not rounds:
         return None
-    fig, axes = plt.subplots(1, len(files), figsize=(3.5 * len(files), 3), squeeze=False)
-    for ax, f in zip(axes[0], files):
-        t = pq.read_table(f, filesystem=store.fs).to_pandas()
+    fig, axes = plt.subplots(1, len(rounds), figsize=(3.5 * len(rounds), 3), squeeze=False)
+    for ax, r in zip(axes[0], rounds):
+        t = pq.read_table(store.path(r["weights"]), filesystem=store.fs).to_pandas()
         for grp, name in ((0, "aligned"), (1, "conflicting")):
             ax.hist(t.w[t.group == grp], bins=30, alpha=0.6, density=True, label=name)
-        ax.set_title(f.rsplit("/", 2)[-2], fontsize=8)
+        ax.set_title(f"seed {r['seed']}, round {r['round']}", fontsize=8)
         ax.set_xlabel("weight w")
+        ax.set_yscale("log")
     axes[0][0].legend(fontsize=7)
     return fig
 
@@ -175,7 +191,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                "deletion_insertion_curves": curves_figure(store, eval_manifest)}
     if sweep_result:
         figures["alpha_curve"] = alpha_figure(sweep_result)
-    wf = weights_figure(store)
+    rounds = reweighting_rounds(cfg, store)
+    wf = weights_figure(store, rounds)
     if wf is not None:
         figures["consistency_weights_by_group"] = wf
     parts = [f"<html><head><meta charset='utf-8'><title>xai-ray report: {html.escape(cfg.name)}</title>"
@@ -211,7 +228,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
 
     dwsol = evaluate.read_frame(store, eval_manifest, "dwsol") if "dwsol" in eval_manifest["files"] else None
     command = f"python pipelines/full.py --config configs/{cfg.name}.yaml"
-    results = results_markdown(cfg, test, dwsol, summary, sweep_result, command)
+    results = results_markdown(cfg, test, dwsol, summary, sweep_result, command, rounds)
     store.write_bytes(results.encode(), STAGE, "RESULTS.md")
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "RESULTS.md").write_text(results)

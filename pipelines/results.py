@@ -59,7 +59,7 @@ def _verdict(a: np.ndarray, b: np.ndarray, higher_is_better: bool = True) -> tup
 
 
 def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, sweep: dict | None,
-                     command: str) -> str:
+                     command: str, rounds: list[dict] | None = None) -> str:
     """The whole RESULTS.md text."""
     modes = [m for m in ("erm", "consistency", "scaat") if m in set(test["mode"])]
     acc = test[test.method == "none"]
@@ -87,6 +87,17 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
     out += ["## Training: ERM vs. consistency reweighting (000) vs. SCAAT (002)", "",
             _table(["model", "acc aligned", "acc conflicting", "worst group", "Grad-CAM PG", "Grad-CAM EPG",
                     "saliency deletion AUC", "saliency insertion AUC", "saliency Gini", *eps_cols], rows), ""]
+    if rounds:
+        c = cfg.consistency
+        rows = [[str(r["seed"]), str(r["round"])] + [f"{r[k]:.3f}" if k in r else "" for k in (
+            "E_aligned", "E_conflicting", "w_aligned", "w_conflicting", "w_max", "top10_conflicting_share")]
+            for r in rounds]
+        out += [f"Consistency weights by bias group (000): does reweighting find the conflicting samples? Each "
+                f"round recomputes E with the latest model (mask {c.mask_source}, eps {c.eps:.4f}, {c.steps} PGD "
+                f"steps; power {c.power:g}, floor {c.w_min:g}, cap {c.w_max if c.w_max is not None else 'none'}); "
+                f"the training split is {1 - cfg.data.bias:.0%} conflicting.", "",
+                _table(["seed", "round", "E aligned", "E conflicting", "w aligned", "w conflicting", "w max",
+                        "conflicting share of the top 10% weights"], rows), ""]
     # --- attribution (003) on the ERM models
     erm = test[test["mode"] == "erm"]
     methods = [m for m in cfg.evaluate.methods if m in set(erm.method)]
@@ -117,6 +128,14 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
                 "more on the weights):", "", _table(["quantity", *models], rows), ""]
     out += ["## The claims, one line each", ""]
     out += _claim_lines(test, dwsol, summary)
+    c, sc = cfg.consistency, cfg.scaat
+    out += ["", f"Settings tried in this run: consistency {c.rounds} rounds (round 0 = ERM at epoch "
+                f"{cfg.train.epochs - (c.rounds - 1) * c.round_epochs}, then {c.round_epochs} epochs per round), "
+                f"power {c.power:g}, cap {c.w_max if c.w_max is not None else 'none'}, eps {c.eps:.4f}, mask "
+                f"{c.mask_source}; SCAAT keep {sc.keep:g}, eps {sc.eps:.4f}, {sc.steps} PGD step(s), lambda "
+                f"{sc.lam:g}; TIF base {cfg.evaluate.tif_base}; HAF {cfg.evaluate.haf_steps} steps. "
+                "A verdict holds for these settings on this benchmark only; 'inconclusive' means the difference "
+                "is within the seed-to-seed spread (sum of the two standard deviations)."]
     return "\n".join(out) + "\n"
 
 

@@ -124,12 +124,13 @@ def train_loop(lc: dict) -> None:
             tracker.log_metrics(lc["run_id"], {"resumed_from_epoch": resumed}, step=resumed)
             print(f"[{lc['mode']} s{lc['seed']}] resumed from epoch {resumed} (Ray Train checkpoint)", flush=True)
     shard = ray.train.get_dataset_shard("train")
-    gen = torch.Generator(device=device).manual_seed(lc["seed"] * 1000 + rank)
+    gen = torch.Generator(device=device)
     cache = ShardCache(cfg.train.cache_shard_mb * 2**20)
     for epoch in range(start, lc["epochs"]):
         t0 = time.time()
         model.train()
         tot, correct, loss_sum, extra_sum = 0, 0, 0.0, {}
+        gen.manual_seed((lc["seed"] * 1000 + rank) * 1000 + epoch)  # per epoch: a resumed run draws the same
         for raw in cache.epoch(shard, cfg.train.batch_size, seed=lc["seed"] * 100 + epoch):
             batch = to_tensors(raw, device)
             with torch.autocast(device.type, enabled=use_amp):
@@ -168,12 +169,18 @@ def train_loop(lc: dict) -> None:
 
 
 class ShardCache:
-    """A training worker's shard: streamed from Ray Data on the first epoch and kept in memory when it
-    fits in ``limit_bytes``; later epochs then shuffle in-process (a full permutation, seeded per epoch).
+    """A training worker's shard, read from Ray Data once and kept in memory when it fits in
+    ``limit_bytes``; every epoch then shuffles in-process: a full permutation, seeded per epoch, of the
+    rows in ``idx`` order.
 
     Streaming every epoch re-reads and re-converts Parquet through the split coordinator, which on a small
-    CPU box costs more than the model's forward and backward (docs/BENCHMARKS.md). Row counts per worker
-    stay equal (``streaming_split(equal=True)``), so DDP workers keep taking the same number of steps.
+    CPU box costs more than the model's forward and backward (docs/BENCHMARKS.md). Because the order of an
+    epoch depends only on the seed and the rows (not on the order Ray Data delivered blocks in), a run
+    resumed from a checkpoint sees the same batches as an uninterrupted one and ends with the same model
+    (one worker; tested by killing the driver). A shard larger than the limit is streamed every epoch
+    (``local_shuffle_buffer_size``), so its order is not reproducible. Row counts per worker stay equal
+    (``streaming_split(equal=True)``) and each epoch reads the shard at most once, so DDP workers keep
+    taking the same number of steps.
     """
 
     def __init__(self, limit_bytes: int) -> None:
@@ -182,28 +189,36 @@ class ShardCache:
         self.too_big = limit_bytes <= 0
 
     def epoch(self, shard: Any, batch_size: int, seed: int) -> Any:
-        if self.arrays is not None:
-            n = len(next(iter(self.arrays.values())))
-            order = np.random.default_rng(seed).permutation(n)
-            for i in range(0, n, batch_size):
-                idx = np.sort(order[i:i + batch_size])  # sorted: contiguous-ish gathers
-                yield {k: v[idx] for k, v in self.arrays.items()}
-            return
-        kept: list[dict[str, np.ndarray]] = []
-        size = 0
-        for raw in shard.iter_batches(batch_size=batch_size, batch_format="numpy",
-                                      local_shuffle_buffer_size=min(4 * batch_size, 4096), local_shuffle_seed=seed):
-            if not self.too_big:
+        if self.arrays is None:
+            stream = iter(shard.iter_batches(batch_size=batch_size, batch_format="numpy",
+                                             local_shuffle_buffer_size=min(4 * batch_size, 4096),
+                                             local_shuffle_seed=seed))
+            if self.too_big:
+                yield from stream
+                return
+            kept: list[dict[str, np.ndarray]] = []
+            size = 0
+            for raw in stream:
+                kept.append(raw)
                 size += sum(v.nbytes for v in raw.values() if isinstance(v, np.ndarray))
-                self.too_big = size > self.limit
-                if self.too_big:
+                if size > self.limit:  # does not fit: train on this pass as it streams, and every later one
+                    self.too_big = True
+                    yield from kept
                     kept.clear()
-                else:
-                    kept.append(raw)
-            yield raw
-        if not self.too_big and kept:
+                    yield from stream
+                    return
+            if not kept:
+                return
             keys = [k for k, v in kept[0].items() if isinstance(v, np.ndarray) and v.dtype != object]
             self.arrays = {k: np.concatenate([b[k] for b in kept]) for k in keys}
+            if "idx" in self.arrays:
+                order = np.argsort(self.arrays["idx"], kind="stable")
+                self.arrays = {k: v[order] for k, v in self.arrays.items()}
+        n = len(next(iter(self.arrays.values())))
+        order = np.random.default_rng(seed).permutation(n)
+        for i in range(0, n, batch_size):
+            idx = np.sort(order[i:i + batch_size])  # sorted: contiguous-ish gathers
+            yield {k: v[idx] for k, v in self.arrays.items()}
 
 
 def _worker_nodes(world: int) -> list[str]:

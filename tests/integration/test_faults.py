@@ -59,13 +59,26 @@ def _kill_own_ray(proc: subprocess.Popen | None, marker: str) -> None:
     assert not _processes_with_env(marker), "processes of the killed run's Ray are still alive"
 
 
+def _final_tables(store: Path) -> tuple[dict, "object"]:
+    """The trained models' weights and the evaluate rows (model-determined metrics), sorted."""
+    import pandas as pd
+    import torch
+
+    weights = {p.parent.name: torch.load(p, weights_only=True)["model"] for p in (store / "train").glob("*/model.pt")}
+    df = pd.concat([pd.read_parquet(f) for f in sorted((store / "evaluate" / "test").glob("*.parquet"))])
+    keep = ["idx", "model", "method", "correct", "pointing_game", "energy_pointing_game", "iou", "gini",
+            "deletion_auc", "insertion_auc", "wsss_miou"]
+    return weights, df[[c for c in keep if c in df]].sort_values(["model", "method", "idx"]).reset_index(drop=True)
+
+
 @pytest.mark.slow
 def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_path):
     runs = tmp_path / "runs"
     store = runs / "smoke"
-    cmd = [sys.executable, "pipelines/full.py", "--config", "configs/smoke.yaml", *REDUCED,
-           "--set", f"storage.uri={runs}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
-           "--set", "ray.num_cpus=4", "--set", "train.epochs=3", "--set", "data.n_train=768"]
+    settings = ["--config", "configs/smoke.yaml", *REDUCED, "--set", "ray.num_cpus=4", "--set", "train.epochs=3",
+                "--set", "data.n_train=768"]
+    cmd = [sys.executable, "pipelines/full.py", *settings,
+           "--set", f"storage.uri={runs}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
     # Its own local Ray: no RAY_ADDRESS, and a Ray temp dir of its own (short: Unix socket paths), so it
     # neither attaches to the session's Ray nor to /tmp/ray/ray_current_cluster; the unique RAY_TMPDIR
     # also marks every process of that Ray for the clean-up.
@@ -105,7 +118,28 @@ def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_
         assert (store / "report" / "report.html").exists()
     finally:
         _kill_own_ray(None, marker)  # leftovers of the rerun's Ray, if any
+
+    # The same final tables as a run that was never killed: same weights (a resumed epoch sees the same
+    # batches, ShardCache) and the same per-sample metrics.
+    ref_runs = tmp_path / "reference"
+    ref = subprocess.run([sys.executable, "pipelines/full.py", *settings, "--set", f"storage.uri={ref_runs}",
+                          "--set", f"tracking.uri=sqlite:///{tmp_path / 'reference.db'}"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
+    try:
+        assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-5000:]
+    finally:
+        _kill_own_ray(None, marker)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+    import torch
+
+    (w_resumed, t_resumed), (w_ref, t_ref) = _final_tables(store), _final_tables(ref_runs / "smoke")
+    assert sorted(w_resumed) == sorted(w_ref) == ["erm_s0"]
+    for name, tensor in w_ref["erm_s0"].items():
+        assert torch.equal(w_resumed["erm_s0"][name], tensor), name
+    assert len(t_ref) == 16 * 2
+    import pandas as pd
+
+    pd.testing.assert_frame_equal(t_resumed, t_ref)
 
 
 # ---------------------------------------------------------- a train worker and a Ray Data actor killed

@@ -40,6 +40,14 @@ def test_precompute_writes_every_sample_once_with_mean_one_weights(smoke_run):
     samples = pq.read_table(sorted((rnd / "samples").glob("*.parquet"))[0]).to_pandas()
     for col in ("background", "x_adv", "cam", "cam_adv", "E", "v"):
         assert col in samples.columns
+    # the round's statistics by bias group, recomputed here from the weights, reach RESULTS.md
+    conf = w.group == 1
+    stats = json.loads((rnd / "_manifest.json").read_text())["stats"]
+    assert stats["w_conflicting"] == pytest.approx(w.w[conf].mean(), rel=1e-5)
+    assert stats["E_aligned"] == pytest.approx(w.E[~conf].mean(), rel=1e-5)
+    row = (f"| 0 | 1 | {stats['E_aligned']:.3f} | {stats['E_conflicting']:.3f} | {stats['w_aligned']:.3f} | "
+           f"{stats['w_conflicting']:.3f} | {w.w.max():.3f} |")
+    assert row in (smoke_run["store"] / "report" / "RESULTS.md").read_text()
 
 
 def test_evaluate_rows_cover_every_model_and_method(smoke_run):

@@ -65,8 +65,9 @@ def test_warmup_epochs_and_resource_plan():
 class _FakeShard:
     """What ShardCache needs of a Ray Train dataset shard: iter_batches (here: fixed order, counted)."""
 
-    def __init__(self, n: int) -> None:
-        self.rows = {"idx": np.arange(n), "image": np.arange(n * 2, dtype=np.uint8).reshape(n, 2)}
+    def __init__(self, n: int, order: np.ndarray | None = None) -> None:
+        idx = np.arange(n) if order is None else np.asarray(order)  # the order blocks arrive in
+        self.rows = {"idx": idx, "image": np.stack([2 * idx, 2 * idx + 1], 1).astype(np.uint8)}
         self.streams = 0
 
     def iter_batches(self, batch_size, batch_format, local_shuffle_buffer_size, local_shuffle_seed):
@@ -91,18 +92,26 @@ def test_shard_cache_streams_once_then_permutes_every_row_once_per_epoch():
         for b in epoch:  # rows stay whole: image row i is (2i, 2i+1)
             assert np.array_equal(b["image"][:, 0], 2 * b["idx"])
     assert [b["idx"].tolist() for b in second] != [b["idx"].tolist() for b in third]
-    again = ShardCache(1 << 20)
-    list(again.epoch(_FakeShard(10), 4, seed=1))
-    assert [b["idx"].tolist() for b in again.epoch(shard, 4, seed=2)] == [b["idx"].tolist() for b in second]
+    # The order of an epoch is the seed's permutation of the rows in idx order, whatever order Ray Data
+    # delivered them in: a run resumed at epoch 2 (a fresh cache, rows arriving reversed) trains on the
+    # same batches as the uninterrupted one.
+    expect = np.random.default_rng(2).permutation(10)
+    assert [b["idx"].tolist() for b in second] == [sorted(expect[i:i + 4].tolist()) for i in (0, 4, 8)]
+    resumed = ShardCache(1 << 20)
+    assert [b["idx"].tolist() for b in resumed.epoch(_FakeShard(10, order=np.arange(10)[::-1]), 4, seed=2)] \
+        == [b["idx"].tolist() for b in second]
+    assert [b["idx"].tolist() for b in first] == [
+        sorted(np.random.default_rng(1).permutation(10)[i:i + 4].tolist()) for i in (0, 4, 8)]
 
 
 def test_shard_cache_streams_every_epoch_when_the_shard_is_too_big():
     from pipelines.train import ShardCache
 
-    shard, cache = _FakeShard(10), ShardCache(25)  # 10 rows x (8 + 2) bytes = 100 bytes > 25
+    shard, cache = _FakeShard(10), ShardCache(45)  # 10 rows x (8 + 2) bytes = 100 bytes > 45: found mid-pass
     for seed in range(3):
-        assert sum(len(b["idx"]) for b in cache.epoch(shard, 4, seed=seed)) == 10
-    assert shard.streams == 3 and cache.arrays is None
+        rows = [i for b in cache.epoch(shard, 4, seed=seed) for i in b["idx"].tolist()]
+        assert rows == list(range(10))  # every row once, in stream order, the first pass included
+    assert shard.streams == 3 and cache.arrays is None and cache.too_big
 
 
 def test_model_hash_retrains_only_what_a_change_touches():
