@@ -4,8 +4,9 @@
     python -m bench.stages --tiny               # seconds: 64 images at 32 px, 1 repeat (keeps the script alive)
     python -m bench.stages --n 2048 --repeats 5
 
-The timed call is the stage's own: ``ds.map_batches(ConsistencyActor, compute=ActorPoolStrategy(size=k),
-num_cpus=..., batch_size=precompute.batch_size, batch_format="numpy", **actor_restarts())``
+The timed call is the stage's own: ``ds.map_batches(ConsistencyActor, compute=actor_pool(k),
+num_cpus=..., batch_size=precompute.batch_size, batch_format="numpy", **actor_restarts())`` (one block per
+actor at a time)
 as in ``precompute.run_round`` (``precompute.consistency_map``), over the training split as
 ``ingest.read_split`` reads it:
 BiasedShapes (uint8 images) in ingest's Parquet layout, written with pyarrow to a temp local Storage

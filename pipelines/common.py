@@ -39,6 +39,16 @@ def resource_plan(cluster_cpus: float, num_workers: int, actors: int = 0) -> Res
                         max(min(1.0, spare / concurrency), 0.25))
 
 
+def actor_pool(size: int) -> Any:
+    """The compute strategy of the actor-pool stages (precompute, evaluate): ``size`` actors, each given one
+    block at a time. Ray Data's default queues several blocks on the first actor that is ready; with as
+    many blocks as actors that actor then ran two of three while the others sat idle (paper run, evaluate),
+    and a batch here is seconds to minutes of model work, so there is nothing to gain from queueing."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
+
+
 def actor_restarts() -> dict:
     """Ray remote args of every actor-pool stage: a killed actor is restarted, its batch retried."""
     return {"max_restarts": 3, "max_task_retries": 3}

@@ -15,7 +15,7 @@ import torch
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import actor_restarts
+from pipelines.common import actor_pool, actor_restarts
 
 log = logging.getLogger("xai.precompute")
 STAGE = "precompute"
@@ -72,14 +72,13 @@ def consistency_map(src: Any, cfg: Any, store: st.Storage, ckpt_path: str, plan:
     read_parquet packs small files into one read task (override_num_blocks does not split them) and an
     actor pool hands out whole blocks: the input is repartitioned so that every actor gets work
     (measured in docs/BENCHMARKS.md, stages)."""
-    import ray.data
 
     return src.repartition(max(1, 2 * plan.actors)).map_batches(
         udf or ConsistencyActor,
         fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"),
                                "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
                                "ckpt_path": ckpt_path, "threads": max(1, int(plan.actor_cpus))},
-        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.actor_cpus,
+        compute=actor_pool(plan.actors), num_cpus=plan.actor_cpus,
         batch_size=cfg.precompute.batch_size, batch_format="numpy", **actor_restarts())
 
 
