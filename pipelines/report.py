@@ -93,20 +93,30 @@ def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dic
 
 
 def curves_figure(store: st.Storage, manifest: dict) -> Any:
+    """Deletion and insertion curves, averaged over test images and seeds: every method on the ERM models
+    (top row), and ERM vs. consistency vs. SCAAT for saliency and Grad-CAM (bottom row)."""
     import matplotlib.pyplot as plt
 
     df = evaluate.read_frame(store, manifest, "test", curves=True)
     df = df[df.method != "none"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for (model, method), g in df.groupby(["model", "method"]):
-        for ax, col in zip(axes, ("deletion_curve", "insertion_curve")):
-            c = np.stack(g[col].to_numpy()).mean(0)
-            ax.plot(np.linspace(0, 1, len(c)), c, label=f"{model}/{method}", lw=0.8)
-    for ax, t in zip(axes, ("deletion (lower is better)", "insertion (higher is better)")):
-        ax.set_title(t)
-        ax.set_xlabel("fraction of pixels")
-        ax.set_ylabel("p(target)")
-    axes[1].legend(fontsize=5, ncol=2)
+    modes = [m for m in ("erm", "consistency", "scaat") if m in set(df["mode"])]
+    base = "erm" if "erm" in modes else modes[0]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
+    panels = [(axes[0], df[df["mode"] == base], "method", f"{base} models, every method"),
+              (axes[1], df[df.method.isin(["saliency", "gradcam"])], ["mode", "method"],
+               "saliency and Grad-CAM, by training mode")]
+    for row, sub, by, title in panels:
+        for key, g in sub.groupby(by):
+            label = key if isinstance(key, str) else "/".join(key)
+            for ax, col in zip(row, ("deletion_curve", "insertion_curve")):
+                c = np.stack(g[col].to_numpy()).mean(0)
+                ax.plot(np.linspace(0, 1, len(c)), c, label=label, lw=1.2)
+        for ax, t in zip(row, ("deletion (lower is better)", "insertion (higher is better)")):
+            ax.set_title(f"{t}: {title}", fontsize=9)
+            ax.set_xlabel("fraction of pixels")
+            ax.set_ylabel("p(target), mean over images and seeds")
+        row[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
     return fig
 
 
