@@ -206,8 +206,12 @@ class Config(_Section):
 
     def section_hash(self, *sections: str) -> str:
         """A short hash of the named sections: a stage's output is valid only for the same inputs."""
-        payload = {s: getattr(self, s).model_dump(mode="json") for s in sections}
-        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+        return digest({s: getattr(self, s).model_dump(mode="json") for s in sections})
+
+
+def digest(payload: Any) -> str:
+    """A short, order-independent hash of a JSON-able payload (what a stage output was made from)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _parse_value(raw: str) -> Any:

@@ -38,14 +38,13 @@ def model_hash(cfg: Any, mode: str, seed: int) -> str:
     """What one (mode, seed) model depends on: data, model, the training settings and its mode's own
     section (consistency starts from the ERM warm-up, whose inputs are the same). Changing a SCAAT knob
     retrains only the SCAAT models; adding a seed trains only the new ones."""
-    import hashlib
-    import json
+    from pipelines.config import digest
 
     payload = {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
                "train": cfg.train.model_dump(mode="json", exclude=_RUNTIME_KEYS), "mode": mode, "seed": seed}
     if mode in ("consistency", "scaat"):
         payload[mode] = getattr(cfg, mode).model_dump(mode="json")
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return digest(payload)
 
 
 def warmup_epochs(cfg: Any) -> int:
