@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from captum.attr import (
@@ -184,9 +184,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--methods", default="", help="comma list of method names (default: all)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 small, 3 resnet18)")
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")
+    ap.add_argument("--internal-batch-size", type=int, default=None,
+                    help="rows per pass of IG / SmoothGrad for ours and the peers alike (default: 64 on resnet18, "
+                         "each side's own default on the small ResNet); the batch size = one step per pass")
     args = ap.parse_args(argv)
     fix_threads(1)
     cfgs = configs(args.tiny, args.repeats)
+    if args.internal_batch_size is not None:
+        if args.internal_batch_size < 1:
+            raise SystemExit(f"--internal-batch-size={args.internal_batch_size}: expected an integer >= 1")
+        cfgs = {k: replace(c, internal_batch_size=args.internal_batch_size) for k, c in cfgs.items()}
     only = {m for m in args.methods.split(",") if m} or None
     rows = []
     keys = [m for m in args.models.split(",") if m]

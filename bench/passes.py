@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Callable
 
 import numpy as np
@@ -74,13 +75,30 @@ def steps_for(cfg: Config, model: torch.nn.Module, batch: dict[str, torch.Tensor
     return {"erm": train_step("erm"), "scaat": train_step("scaat"), "consistency_precompute": precompute}
 
 
+def actor_step(cfg: Config, model: torch.nn.Module, raw: dict[str, np.ndarray],
+               root: str) -> tuple[Callable[[], object], torch.nn.Module]:
+    """The precompute stage's whole per-batch call (``ConsistencyActor.__call__``: uint8 batch in, tensors,
+    the same consistency computation, numpy columns out) with ``model``'s weights; returns it and the
+    actor's own model (loaded from a checkpoint of ``model``, as the stage does)."""
+    from pipelines.common import state_bytes
+    from pipelines.precompute import ConsistencyActor
+    from pipelines.storage import Storage
+
+    store = Storage(root)
+    store.write_bytes(state_bytes({"model": model.state_dict()}), "model.pt")
+    actor = ConsistencyActor(cfg.model_dump(mode="json"), [store.root_uri, store.s3_endpoint, store.s3_region],
+                             "model.pt", threads=torch.get_num_threads())
+    return (lambda: actor(raw)), actor.model
+
+
 def expected_passes(cfg: Config) -> dict[str, tuple[int, int]]:
     """(forwards, backwards reaching the first conv) per batch from the algorithms (METHODS §5a, §5b).
 
     SCAAT's loss backward runs through both training forwards (two graphs: counted twice); Grad-CAM's
     backward stops at its layer and never reaches the first conv (only the PGD steps do)."""
     s, c = cfg.scaat.steps, cfg.consistency.steps
-    return {"erm": (1, 1), "scaat": (1 + s + 2, 1 + s + 2), "consistency_precompute": (1 + c + 1, c)}
+    return {"erm": (1, 1), "scaat": (1 + s + 2, 1 + s + 2), "consistency_precompute": (1 + c + 1, c),
+            "precompute_actor_call": (1 + c + 1, c)}
 
 
 def run(cfg: Config, repeats: int) -> list[dict]:
@@ -90,13 +108,16 @@ def run(cfg: Config, repeats: int) -> list[dict]:
     batch = to_tensors({"image": a["image"], "label": a["label"]})
     model = make_model(cfg)
     fns = steps_for(cfg, model, batch)
-    rows, counts = [], {}
-    for name, fn in fns.items():  # count once, outside timing
-        pc = PassCounter(model)
-        fn()
-        pc.close()
-        counts[name] = (pc.forwards, pc.backwards)
-    res = measure(fns, repeats, warmup=1)
+    raw = {"idx": np.arange(len(a["label"]), dtype=np.int64), **a}
+    with tempfile.TemporaryDirectory(prefix="bench_passes_") as tmp:
+        fns["precompute_actor_call"], actor_model = actor_step(cfg, model, raw, tmp)
+        rows, counts = [], {}
+        for name, fn in fns.items():  # count once, outside timing
+            pc = PassCounter(actor_model if name == "precompute_actor_call" else model)
+            fn()
+            pc.close()
+            counts[name] = (pc.forwards, pc.backwards)
+        res = measure(fns, repeats, warmup=1)
     unit = res["erm"]["median_s"]
     for name, (fw, bw) in counts.items():
         exp = expected_passes(cfg)[name]

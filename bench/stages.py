@@ -4,10 +4,9 @@
     python -m bench.stages --tiny               # seconds: 64 images at 32 px, 1 repeat (keeps the script alive)
     python -m bench.stages --n 2048 --repeats 5
 
-The timed call is the stage's own: ``ds.map_batches(ConsistencyActor, compute=actor_pool(k),
-num_cpus=..., batch_size=precompute.batch_size, batch_format="numpy", **actor_restarts())`` (one block per
-actor at a time)
-as in ``precompute.run_round`` (``precompute.consistency_map``), over the training split as
+The timed call is the stage's own: ``precompute.consistency_map`` (``pipelines.common.pool_map``: two
+blocks per actor, one block per actor at a time, batches of at most ``precompute.batch_size`` rows and
+a block) as in ``precompute.run_round``, over the training split as
 ``ingest.read_split`` reads it:
 BiasedShapes (uint8 images) in ingest's Parquet layout, written with pyarrow to a temp local Storage
 beside an untrained model's checkpoint (``state_bytes({"model": ...})``). The input is materialised
@@ -106,11 +105,11 @@ def actor_kwargs(cfg: Config, store: Storage, threads: int) -> dict:
             "ckpt_path": CKPT, "threads": threads}
 
 
-def pool_map(src: Any, cfg: Config, store: Storage, actors: int, cluster_cpus: float,
-             udf: type = ConsistencyActor) -> Any:
+def stage_map(src: Any, cfg: Config, store: Storage, actors: int, cluster_cpus: float,
+              udf: type = ConsistencyActor) -> Any:
     """The stage's map over ``src`` (precompute.consistency_map, repartition included) for ``actors`` actors."""
     plan = resource_plan(cluster_cpus, num_workers=1, actors=actors)
-    return consistency_map(src, cfg, store, CKPT, plan, udf=udf)
+    return consistency_map(src, cfg, store, CKPT, plan, cfg.data.n_train, udf=udf)
 
 
 def _instrumented_actor() -> type:
@@ -151,7 +150,7 @@ def _warmup_pool(src: Any, cfg: Config, store: Storage, k: int, cluster_cpus: fl
     """One untimed, instrumented pool run: rows out, the actors' peak RSS, the time until the first actor
     was ready, and images/s once started (sum over the actors of rows / (last batch end - ready))."""
     t0 = time.time()
-    ds = pool_map(src, cfg, store, k, cluster_cpus, udf=_instrumented_actor())
+    ds = stage_map(src, cfg, store, k, cluster_cpus, udf=_instrumented_actor())
     cols = ["_rss_mib", "_ready_ts", "_end_ts", "_pid"]
     parts = list(ds.select_columns(cols).iter_batches(batch_format="numpy", batch_size=None))
     got = {c: np.concatenate([p[c] for p in parts]) for c in cols}
@@ -206,7 +205,7 @@ def run(cfg: Config, actor_counts: list[int], repeats: int, warmup: str = "all")
 
         def pool(p: TimedPath) -> Callable[[], int]:
             def call() -> int:
-                rows_out.append((p.key, pool_map(p.src, cfg, store, p.actors, cluster_cpus).materialize().count()))
+                rows_out.append((p.key, stage_map(p.src, cfg, store, p.actors, cluster_cpus).materialize().count()))
                 return rows_out[-1][1]
             return call
 

@@ -15,7 +15,7 @@ import torch
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import actor_pool, actor_restarts
+from pipelines.common import pool_map
 
 log = logging.getLogger("xai.precompute")
 STAGE = "precompute"
@@ -65,21 +65,13 @@ def config_hash(cfg: Any, seed: int, rnd: int) -> str:
     return model_hash(cfg, "consistency", seed) + f"-r{rnd}"
 
 
-def consistency_map(src: Any, cfg: Any, store: st.Storage, ckpt_path: str, plan: Any,
+def consistency_map(src: Any, cfg: Any, store: st.Storage, ckpt_path: str, plan: Any, rows: int,
                     udf: type | None = None) -> Any:
-    """The stage's Ray Data map: ``src`` -> per-sample precompute rows on an actor pool of ``plan.actors``.
-
-    read_parquet packs small files into one read task (override_num_blocks does not split them) and an
-    actor pool hands out whole blocks: the input is repartitioned so that every actor gets work
-    (measured in docs/BENCHMARKS.md, stages)."""
-
-    return src.repartition(max(1, 2 * plan.actors)).map_batches(
-        udf or ConsistencyActor,
-        fn_constructor_kwargs={"cfg_json": cfg.model_dump(mode="json"),
-                               "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
-                               "ckpt_path": ckpt_path, "threads": max(1, int(plan.actor_cpus))},
-        compute=actor_pool(plan.actors), num_cpus=plan.actor_cpus,
-        batch_size=cfg.precompute.batch_size, batch_format="numpy", **actor_restarts())
+    """The stage's Ray Data map: ``src`` (``rows`` rows) -> per-sample precompute rows on an actor pool of
+    ``plan.actors``, two blocks per actor (measured in docs/BENCHMARKS.md, stages)."""
+    return pool_map(src, udf or ConsistencyActor, {
+        "cfg_json": cfg.model_dump(mode="json"), "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
+        "ckpt_path": ckpt_path}, rows=rows, plan=plan, batch_size=cfg.precompute.batch_size, blocks_per_actor=2)
 
 
 def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str, seed: int, rnd: int,
@@ -95,7 +87,7 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
         st.begin(store, stage)
         src = ingest.read_split(store, ingest_manifest, "train").select_columns(
             ["idx", "image", "label", "group", "mask"])
-        out = consistency_map(src, cfg, store, ckpt_path, plan)
+        out = consistency_map(src, cfg, store, ckpt_path, plan, ingest_manifest["rows"]["train"])
         shards = max(1, -(-ingest_manifest["rows"]["train"] // cfg.data.rows_per_shard))
         files = ingest.write_split(store, stage, "samples", out, shards)
         cols = ingest.read_split_numpy(store, {"files": {"samples": files}, "stage": stage}, "samples",

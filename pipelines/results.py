@@ -6,6 +6,7 @@ results.json); the verdict lines compare means with the seed-to-seed spread, not
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -181,3 +182,118 @@ def _claim_lines(test: Any, dwsol: Any | None, summary: dict) -> list[str]:
                 parts.append(f"vs. {ctrl} {d:+.3f} → {v}")
         line("003", "; ".join(parts) + ".")
     return lines
+
+
+# --- reproduction check: one RESULTS.md against another -------------------------------------------------
+
+_PM = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*±\s*(\d+(?:\.\d+)?)\s*$")
+_VERDICTS = re.compile(r"→ (supported|not supported|within seed-to-seed noise: inconclusive|not measured"
+                       r"|(?:not )?better \(1 seed[^)]*\))")
+
+
+def mean_std_cells(markdown: str) -> dict[tuple[str, str, str], tuple[float, float]]:
+    """Every "mean ± std" cell of a RESULTS.md, keyed by (section, row label, column)."""
+    cells: dict[tuple[str, str, str], tuple[float, float]] = {}
+    section, header = "", None
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            section, header = line.lstrip("#").strip(), None
+            continue
+        if not line.startswith("|"):
+            header = None
+            continue
+        row = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = row
+        elif not set(line.replace("|", "").strip()) <= {"-", ":"}:
+            for col, cell in zip(header[1:], row[1:]):
+                if m := _PM.match(cell):
+                    cells[(section, row[0], col)] = (float(m.group(1)), float(m.group(2)))
+    return cells
+
+
+def claim_verdicts(markdown: str) -> dict[str, list[str]]:
+    """The verdicts of each paper's claim line ("- **000** ... → supported; ..."), in order."""
+    out = {}
+    for line in markdown.splitlines():
+        if m := re.match(r"- \*\*(\d{3})\*\*", line):
+            out[m.group(1)] = _VERDICTS.findall(line)
+    return out
+
+
+def compare_results(reference: str, rerun: str) -> dict[str, Any]:
+    """A rerun's RESULTS.md against the reference (docs/RESULTS.md): for every mean ± std cell in both, the
+    difference of the means against the reference's std and against the sum of both stds (the test the
+    verdicts use), and whether every claim got the same verdicts."""
+    a, b = mean_std_cells(reference), mean_std_cells(rerun)
+    rows = []
+    for key in sorted(a.keys() & b.keys()):
+        (m0, s0), (m1, s1) = a[key], b[key]
+        d = m1 - m0
+        rows.append({"section": key[0], "row": key[1], "column": key[2], "reference": m0, "reference_std": s0,
+                     "rerun": m1, "rerun_std": s1, "diff": d, "within_reference_std": abs(d) <= s0 + 5e-4,
+                     "within_sum_of_stds": abs(d) <= s0 + s1 + 1e-3})
+    va, vb = claim_verdicts(reference), claim_verdicts(rerun)
+    return {"cells": rows, "only_in_reference": sorted(map(list, a.keys() - b.keys())),
+            "only_in_rerun": sorted(map(list, b.keys() - a.keys())),
+            "within_reference_std": sum(r["within_reference_std"] for r in rows),
+            "within_sum_of_stds": sum(r["within_sum_of_stds"] for r in rows),
+            "verdicts": {k: {"reference": va.get(k), "rerun": vb.get(k), "same": va.get(k) == vb.get(k)}
+                         for k in sorted(va.keys() | vb.keys())}}
+
+
+def comparison_text(res: dict[str, Any]) -> str:
+    """Readable summary of compare_results: the counts, every cell beyond the reference's std, the verdicts."""
+    n = len(res["cells"])
+    lines = [f"{n} mean ± std cells in both: {res['within_reference_std']} within the reference's std, "
+             f"{res['within_sum_of_stds']} within the sum of both stds, "
+             f"{n - res['within_sum_of_stds']} beyond."]
+    for what in ("only_in_reference", "only_in_rerun"):
+        if res[what]:
+            lines.append(f"{len(res[what])} cells {what.replace('_', ' ')}, e.g. {res[what][0]}")
+    beyond = [r for r in res["cells"] if not r["within_reference_std"]]
+    if beyond:
+        lines.append("\nCells beyond the reference's std (section | row | column: reference -> rerun):")
+        for r in beyond:
+            flag = "" if r["within_sum_of_stds"] else "   <- beyond the sum of both stds"
+            lines.append(f"  {r['section'][:40]} | {r['row']} | {r['column']}: {r['reference']:.3f} ± "
+                         f"{r['reference_std']:.3f} -> {r['rerun']:.3f} ± {r['rerun_std']:.3f}{flag}")
+    lines.append("\nClaims:")
+    for k, v in res["verdicts"].items():
+        lines.append(f"  {k}: {'same verdicts' if v['same'] else 'DIFFERENT verdicts'}: "
+                     f"reference {v['reference']}, rerun {v['rerun']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pipelines.results REFERENCE RERUN [--json OUT]``: does a rerun reproduce RESULTS.md?
+    Exit status 0 when every shared cell is within the sum of both stds and every verdict is the same."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description="Compare a rerun's RESULTS.md with the reference (docs/RESULTS.md).")
+    ap.add_argument("reference")
+    ap.add_argument("rerun")
+    ap.add_argument("--json", default=None, help="also write the per-cell comparison here")
+    args = ap.parse_args(argv)
+    texts = []
+    for path in (args.reference, args.rerun):
+        try:
+            texts.append(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise SystemExit(f"cannot read {path}: {e.strerror}; expected a RESULTS.md written by the "
+                             "report stage") from None
+    res = compare_results(*texts)
+    if not res["cells"]:
+        raise SystemExit(f"no 'mean ± std' cells in common between {args.reference} and {args.rerun}; "
+                         "expected two RESULTS.md files of runs with several seeds")
+    print(comparison_text(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1), encoding="utf-8")
+    same = res["within_sum_of_stds"] == len(res["cells"]) and all(v["same"] for v in res["verdicts"].values())
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import load_state, make_model, pick_device, set_threads, state_bytes, to_tensors
+from pipelines.common import load_state, make_model, pick_device, progress, set_threads, state_bytes, to_tensors
 
 log = logging.getLogger("xai.train")
 STAGE = "train"
@@ -121,7 +121,7 @@ def train_loop(lc: dict) -> None:
                 tracker.log_metrics(lc["run_id"], state["metrics"], step=resumed)
                 logged = resumed
             tracker.log_metrics(lc["run_id"], {"resumed_from_epoch": resumed}, step=resumed)
-            print(f"[{lc['mode']} s{lc['seed']}] resumed from epoch {resumed} (Ray Train checkpoint)", flush=True)
+            progress(f"[{lc['mode']} s{lc['seed']}] resumed from epoch {resumed} (Ray Train checkpoint)")
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device)
     cache = ShardCache(cfg.train.cache_shard_mb * 2**20)
@@ -150,8 +150,8 @@ def train_loop(lc: dict) -> None:
         metrics = {"loss": loss_sum / max(tot, 1), "train_acc": correct / max(tot, 1),
                    "epoch_seconds": time.time() - t0, **{k: v / max(tot, 1) for k, v in extra_sum.items()}}
         if tracker is not None:
-            print(f"[{lc['mode']} s{lc['seed']}] epoch {step}: loss {metrics['loss']:.4f} "
-                  f"train_acc {metrics['train_acc']:.3f} ({metrics['epoch_seconds']:.1f}s)", flush=True)
+            progress(f"[{lc['mode']} s{lc['seed']}] epoch {step}: loss {metrics['loss']:.4f} "
+                     f"train_acc {metrics['train_acc']:.3f} ({metrics['epoch_seconds']:.1f}s)")
         report = {**metrics, "epoch": epoch + 1, "global_epoch": step}
         if rank == 0:
             core = getattr(model, "module", model)

@@ -134,3 +134,23 @@ def test_model_hash_retrains_only_what_a_change_touches():
     sched = _cfg("consistency.round_epochs=2", "train.epochs=6")
     assert warmup_path(base, 0) != warmup_path(sched, 0)
     assert warmup_path(base, 0).startswith(f"train/erm_s0_warmup_e{warmup_epochs(base)}_")
+
+
+def test_progress_line_reaches_stdout_once_under_ray_trains_print_patch(monkeypatch):
+    """Ray Train's worker print patch tees to a wrapped stdout and logs: the epoch line came out twice."""
+    import builtins
+    import io
+    import sys
+
+    from ray.train.v2._internal.logging.patch_print import redirected_print
+
+    from pipelines.common import progress
+
+    raw, wrapped = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(sys, "__stdout__", raw)
+    monkeypatch.setattr(sys, "stdout", wrapped)
+    progress("plain")  # builtin print: the current stdout
+    assert (wrapped.getvalue(), raw.getvalue()) == ("plain\n", "")
+    monkeypatch.setattr(builtins, "print", redirected_print)
+    progress("[erm s0] epoch 1")
+    assert raw.getvalue() == "[erm s0] epoch 1\n" and wrapped.getvalue() == "plain\n"
