@@ -4,9 +4,9 @@
     python -m bench.stages --tiny               # seconds: 64 images at 32 px, 1 repeat (keeps the script alive)
     python -m bench.stages --n 2048 --repeats 5
 
-The timed call is the stage's own: ``precompute.consistency_map`` (``pipelines.common.pool_map``: two
-blocks per actor, one block per actor at a time, batches of at most ``precompute.batch_size`` rows and
-a block) as in ``precompute.run_round``, over the training split as
+The timed call is the stage's own: ``precompute.consistency_map`` (``pipelines.common.pool_map``: one
+block per batch of ``precompute.batch_size`` rows, one block per actor at a time) as in
+``precompute.run_round``, over the training split as
 ``ingest.read_split`` reads it:
 BiasedShapes (uint8 images) in ingest's Parquet layout, written with pyarrow to a temp local Storage
 beside an untrained model's checkpoint (``state_bytes({"model": ...})``). The input is materialised
@@ -20,7 +20,7 @@ compared with it at twice its CPUs.
 An actor pool hands whole input blocks to its actors. On Ray 2.60 ``read_parquet`` bin-packs Parquet row
 groups into read units of up to 128 MiB and ignores ``override_num_blocks``: the stage read one block
 and only one actor worked (found with this benchmark). ``consistency_map`` now repartitions its input
-into 2 x actors blocks; the repartition is inside the timed call.
+into one block per batch; the repartition is inside the timed call.
 
 One untimed warm-up round runs every path first (--tiny: the 1-actor pool only); its pools are
 instrumented: the actors' peak RSS (VmHWM), the pool start and the images/s once started. Rows out == rows
@@ -185,13 +185,13 @@ def run(cfg: Config, actor_counts: list[int], repeats: int, warmup: str = "all")
     with tempfile.TemporaryDirectory(prefix="bench_stages_") as tmp:
         store, manifest = prepare_store(cfg, tmp)
         # The stage's read (one block here: Ray 2.60 packs small Parquet files into one read task); the
-        # stage's map repartitions it into 2 x actors blocks itself.
+        # stage's map repartitions it into one block per batch itself.
         src = ingest.read_split(store, manifest, "train").select_columns(COLUMNS)
         src = src.materialize()
         paths = [TimedPath("plain", "plain loop (1 process)", 0)]
         for k in actor_counts:
             name = f"{k} actor{'s' if k > 1 else ''}"
-            paths.append(TimedPath(name, name, k, src, 2 * k))
+            paths.append(TimedPath(name, name, k, src, -(-cfg.data.n_train // cfg.precompute.batch_size)))
         batches = list(src.iter_batches(batch_size=cfg.precompute.batch_size, batch_format="numpy"))
         kwargs = actor_kwargs(cfg, store, threads=1)
         print(f"  input ready in {time.perf_counter() - t0:.1f}s: {len(manifest['files']['train'])} Parquet "

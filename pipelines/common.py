@@ -63,18 +63,18 @@ def actor_pool(size: int) -> Any:
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
 
-def pool_map(src: Any, udf: type, ctor_kwargs: dict, *, rows: int, plan: Any, batch_size: int,
-             blocks_per_actor: int = 1) -> Any:
+def pool_map(src: Any, udf: type, ctor_kwargs: dict, *, rows: int, plan: Any, batch_size: int) -> Any:
     """``src.map_batches(udf)`` on the actor pool of ``plan`` (``actors``, ``actor_cpus``), as every
-    actor-pool stage runs it.
+    actor-pool stage runs it: one block per batch.
 
-    ``src`` (``rows`` rows) is cut into ``blocks_per_actor`` blocks per actor: read_parquet packs small files
-    into one read task (override_num_blocks does not split them), and a pool hands out whole blocks, so
-    without the cut one actor got all the work. A batch is at most a block: a larger one makes Ray Data
-    bundle blocks into one task, and one actor then ran two of the blocks while another had nothing
-    (paper run, evaluate: 100 + 33 images on one actor). Killed actors restart and retry their batch."""
-    blocks = max(1, blocks_per_actor * plan.actors)
-    per_block = -(-max(1, rows) // blocks)
+    ``src`` (``rows`` rows, in order) is cut into ceil(rows / batch_size) equal blocks and each block is one
+    batch (``batch_size=None``). So which samples share a batch, and with it every per-batch random draw
+    (seeded by the batch's first sample), depends on the data and ``batch_size`` only, not on the cluster's
+    size; and no batch spans two blocks, which would make Ray Data bundle blocks into one task (paper run:
+    one actor ran 100 + 33 images while another had nothing). read_parquet packs small files into one read
+    task, so without the cut one actor got all the work; parallelism is up to the number of batches. Killed
+    actors restart and retry their batch, at most ACTOR_RESTARTS times."""
+    blocks = max(1, -(-max(1, rows) // max(1, batch_size)))
     with warnings.catch_warnings():
         # Ray 2.60 has no named map_batches parameter for max_restarts / max_task_retries and warns on the
         # ray_remote_args they travel in. Without them Ray Data restarts a killed actor without end (a batch
@@ -82,9 +82,8 @@ def pool_map(src: Any, udf: type, ctor_kwargs: dict, *, rows: int, plan: Any, ba
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         return src.repartition(blocks).map_batches(
             udf, fn_constructor_kwargs={**ctor_kwargs, "threads": max(1, int(plan.actor_cpus))},
-            compute=actor_pool(plan.actors), num_cpus=plan.actor_cpus,
-            batch_size=max(1, min(batch_size, per_block)), batch_format="numpy", max_restarts=ACTOR_RESTARTS,
-            max_task_retries=ACTOR_RESTARTS)
+            compute=actor_pool(plan.actors), num_cpus=plan.actor_cpus, batch_size=None, batch_format="numpy",
+            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
 
 
 def pick_device(choice: str = "auto") -> torch.device:

@@ -169,12 +169,10 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                                               if cfg.evaluate.n_dwsol and "dwsol" in ingest_manifest["files"] else [])
     for split, limit in splits:
         n = min(limit, ingest_manifest["rows"][split])
-        # 4 blocks per actor: with one block each, Ray Data ran 2 of the 3 actors at a time on 2 cores and the
-        # third block then ran alone (paper run: 67 images, 338 s on one core); small blocks shorten that tail.
         out = pool_map(ingest.read_split(store, ingest_manifest, split).limit(limit), EvalActor, {
             "cfg_json": cfg.model_dump(mode="json"), "models": models, "alpha": alpha, "split": split,
             "storage": [store.root_uri, store.s3_endpoint, store.s3_region]},
-            rows=n, plan=plan, batch_size=cfg.evaluate.batch_size, blocks_per_actor=4)
+            rows=n, plan=plan, batch_size=cfg.evaluate.batch_size)
         files[split] = ingest.write_split(store, STAGE, split, out, 1)
         rows[split] = sum(int(pq_rows) for pq_rows in _rows_of(store, files[split]))
         per_model = len(cfg.evaluate.methods) + (1 if split == "test" else 0)

@@ -11,6 +11,7 @@ pipeline run (found again by tag on a rerun), nested runs per stage, model and t
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import sys
@@ -54,7 +55,57 @@ def init_ray(cfg: object) -> float:
         # without it a Tune trial's TorchTrainer stopped by ASHA leaks its placement group (and its CPUs).
         ray.init(address="local", num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  runtime_env=env, log_to_driver=True)
+        session = _session_dir()
+        if session:  # registered after Ray's own exit handler, so it runs first: shut down, then reap
+            atexit.register(_shutdown_and_reap, session)
     return float(ray.cluster_resources().get("CPU", 1))
+
+
+def _session_dir() -> str | None:
+    try:
+        from ray._private.worker import global_worker
+
+        return global_worker.node.get_session_dir_path()
+    except Exception:  # noqa: BLE001 - a private API: without it nothing is reaped
+        return None
+
+
+def reap_session_processes(session_dir: str) -> list[int]:
+    """SIGKILL processes still writing to ``session_dir``'s logs (their stdout or stderr is a file there);
+    returns their PIDs. Linux (/proc) only; elsewhere a no-op.
+
+    For the local Ray this driver started, after ``ray.shutdown()``. In a paper run one TrainController
+    process of eleven (Ray 2.60) outlived the cluster: its core worker logged "Shutdown complete" and the
+    Python process stayed, 1 GiB resident, parented to init, until killed by hand."""
+    import signal
+
+    logs = os.path.join(os.path.realpath(session_dir), "logs") + os.sep
+    killed = []
+    if not os.path.isdir("/proc"):
+        return killed
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        if int(pid) == os.getpid():
+            continue
+        try:
+            targets = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in (1, 2)]
+        except OSError:  # gone, not ours to read, or no such fd
+            continue
+        if any(t.startswith(logs) for t in targets):
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.append(int(pid))
+            except OSError:
+                pass
+    return killed
+
+
+def _shutdown_and_reap(session_dir: str) -> None:
+    import ray
+
+    ray.shutdown()
+    time.sleep(2.0)  # let the processes that exit on their own do so
+    if killed := reap_session_processes(session_dir):
+        print(f"killed {len(killed)} process(es) left over from the local Ray session: {killed}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,10 +68,10 @@ def config_hash(cfg: Any, seed: int, rnd: int) -> str:
 def consistency_map(src: Any, cfg: Any, store: st.Storage, ckpt_path: str, plan: Any, rows: int,
                     udf: type | None = None) -> Any:
     """The stage's Ray Data map: ``src`` (``rows`` rows) -> per-sample precompute rows on an actor pool of
-    ``plan.actors``, two blocks per actor (measured in docs/BENCHMARKS.md, stages)."""
+    ``plan.actors``, one block per batch of ``precompute.batch_size`` (measured in docs/BENCHMARKS.md, stages)."""
     return pool_map(src, udf or ConsistencyActor, {
         "cfg_json": cfg.model_dump(mode="json"), "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
-        "ckpt_path": ckpt_path}, rows=rows, plan=plan, batch_size=cfg.precompute.batch_size, blocks_per_actor=2)
+        "ckpt_path": ckpt_path}, rows=rows, plan=plan, batch_size=cfg.precompute.batch_size)
 
 
 def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str, seed: int, rnd: int,
