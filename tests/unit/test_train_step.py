@@ -142,13 +142,15 @@ def test_progress_line_reaches_stdout_once_under_ray_trains_print_patch(monkeypa
     import io
     import sys
 
-    from ray.train.v2._internal.logging.patch_print import redirected_print
+    from ray.train.v2._internal.logging.patch_print import _original_print, redirected_print
 
     from pipelines.common import progress
 
     raw, wrapped = io.StringIO(), io.StringIO()
     monkeypatch.setattr(sys, "__stdout__", raw)
     monkeypatch.setattr(sys, "stdout", wrapped)
+    # Ray Train's local-mode runs earlier in the session patch this process's print too: start unpatched
+    monkeypatch.setattr(builtins, "print", _original_print)
     progress("plain")  # builtin print: the current stdout
     assert (wrapped.getvalue(), raw.getvalue()) == ("plain\n", "")
     monkeypatch.setattr(builtins, "print", redirected_print)
