@@ -81,13 +81,12 @@ def actor_step(cfg: Config, model: torch.nn.Module, raw: dict[str, np.ndarray],
     the same consistency computation, numpy columns out) with ``model``'s weights; returns it and the
     actor's own model (loaded from a checkpoint of ``model``, as the stage does)."""
     from pipelines.common import state_bytes
-    from pipelines.precompute import ConsistencyActor
+    from pipelines.precompute import ConsistencyActor, actor_kwargs
     from pipelines.storage import Storage
 
     store = Storage(root)
     store.write_bytes(state_bytes({"model": model.state_dict()}), "model.pt")
-    actor = ConsistencyActor(cfg.model_dump(mode="json"), [store.root_uri, store.s3_endpoint, store.s3_region],
-                             "model.pt", threads=torch.get_num_threads())
+    actor = ConsistencyActor(**actor_kwargs(cfg, store, "model.pt"), threads=torch.get_num_threads())
     return (lambda: actor(raw)), actor.model
 
 

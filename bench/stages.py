@@ -49,9 +49,9 @@ import torch
 
 from bench._timing import fix_threads, machine, markdown_table, measure, publish
 from pipelines import ingest
-from pipelines.common import make_model, resource_plan, state_bytes
+from pipelines.common import batch_count, make_model, resource_plan, state_bytes
 from pipelines.config import ROOT, Config, load_config
-from pipelines.precompute import ConsistencyActor, consistency_map
+from pipelines.precompute import ConsistencyActor, actor_kwargs, consistency_map
 from pipelines.storage import Storage
 
 COLUMNS = ["idx", "image", "label", "group", "mask"]  # what run_round selects before the map
@@ -97,12 +97,6 @@ def prepare_store(cfg: Config, root: str) -> tuple[Storage, dict]:
     torch.manual_seed(d.seed)
     store.write_bytes(state_bytes({"model": make_model(cfg).state_dict()}), CKPT)
     return store, {"stage": ingest.STAGE, "files": {"train": files}, "rows": {"train": d.n_train}}
-
-
-def actor_kwargs(cfg: Config, store: Storage, threads: int) -> dict:
-    """fn_constructor_kwargs of the stage's map_batches (run_round)."""
-    return {"cfg_json": cfg.model_dump(mode="json"), "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
-            "ckpt_path": CKPT, "threads": threads}
 
 
 def stage_map(src: Any, cfg: Config, store: Storage, actors: int, cluster_cpus: float,
@@ -191,9 +185,9 @@ def run(cfg: Config, actor_counts: list[int], repeats: int, warmup: str = "all")
         paths = [TimedPath("plain", "plain loop (1 process)", 0)]
         for k in actor_counts:
             name = f"{k} actor{'s' if k > 1 else ''}"
-            paths.append(TimedPath(name, name, k, src, -(-cfg.data.n_train // cfg.precompute.batch_size)))
+            paths.append(TimedPath(name, name, k, src, batch_count(cfg.data.n_train, cfg.precompute.batch_size)))
         batches = list(src.iter_batches(batch_size=cfg.precompute.batch_size, batch_format="numpy"))
-        kwargs = actor_kwargs(cfg, store, threads=1)
+        kwargs = {**actor_kwargs(cfg, store, CKPT), "threads": 1}
         print(f"  input ready in {time.perf_counter() - t0:.1f}s: {len(manifest['files']['train'])} Parquet "
               f"file(s), {src.num_blocks()} block(s), {len(batches)} batches", flush=True)
         rows_out: list[tuple[str, int]] = []  # (path, rows) of every call

@@ -141,13 +141,12 @@ class Precompute:
 
     def __init__(self, trainer: Trainer, threads: int, root: str) -> None:
         from pipelines.common import state_bytes
-        from pipelines.precompute import ConsistencyActor
+        from pipelines.precompute import ConsistencyActor, actor_kwargs
         from pipelines.storage import Storage
 
         store = Storage(root)
         store.write_bytes(state_bytes({"model": trainer.model.state_dict()}), CKPT)
-        self.actor = ConsistencyActor(trainer.cfg.model_dump(mode="json"),
-                                      [store.root_uri, store.s3_endpoint, store.s3_region], CKPT, threads=threads)
+        self.actor = ConsistencyActor(**actor_kwargs(trainer.cfg, store, CKPT), threads=threads)
         self.trainer = trainer
 
     def __call__(self, limit: int | None = None) -> int:

@@ -63,6 +63,11 @@ def actor_pool(size: int) -> Any:
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
 
+def batch_count(rows: int, batch_size: int) -> int:
+    """How many batches (and blocks: ``pool_map`` cuts one per batch) ``rows`` rows make, at least one."""
+    return -(-max(1, rows) // max(1, batch_size))
+
+
 def pool_map(src: Any, udf: type, ctor_kwargs: dict, *, rows: int, plan: Any, batch_size: int) -> Any:
     """``src.map_batches(udf)`` on the actor pool of ``plan`` (``actors``, ``actor_cpus``), as every
     actor-pool stage runs it: one block per batch.
@@ -74,13 +79,12 @@ def pool_map(src: Any, udf: type, ctor_kwargs: dict, *, rows: int, plan: Any, ba
     one actor ran 100 + 33 images while another had nothing). read_parquet packs small files into one read
     task, so without the cut one actor got all the work; parallelism is up to the number of batches. Killed
     actors restart and retry their batch, at most ACTOR_RESTARTS times."""
-    blocks = max(1, -(-max(1, rows) // max(1, batch_size)))
     with warnings.catch_warnings():
         # Ray 2.60 has no named map_batches parameter for max_restarts / max_task_retries and warns on the
         # ray_remote_args they travel in. Without them Ray Data restarts a killed actor without end (a batch
         # that kills its actor every time, e.g. out of memory, would hang the stage): bounded here.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return src.repartition(blocks).map_batches(
+        return src.repartition(batch_count(rows, batch_size)).map_batches(
             udf, fn_constructor_kwargs={**ctor_kwargs, "threads": max(1, int(plan.actor_cpus))},
             compute=actor_pool(plan.actors), num_cpus=plan.actor_cpus, batch_size=None, batch_format="numpy",
             max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)

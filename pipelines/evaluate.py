@@ -171,7 +171,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         n = min(limit, ingest_manifest["rows"][split])
         out = pool_map(ingest.read_split(store, ingest_manifest, split).limit(limit), EvalActor, {
             "cfg_json": cfg.model_dump(mode="json"), "models": models, "alpha": alpha, "split": split,
-            "storage": [store.root_uri, store.s3_endpoint, store.s3_region]},
+            "storage": store.args()},
             rows=n, plan=plan, batch_size=cfg.evaluate.batch_size)
         files[split] = ingest.write_split(store, STAGE, split, out, 1)
         rows[split] = sum(int(pq_rows) for pq_rows in _rows_of(store, files[split]))

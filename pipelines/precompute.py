@@ -65,13 +65,17 @@ def config_hash(cfg: Any, seed: int, rnd: int) -> str:
     return model_hash(cfg, "consistency", seed) + f"-r{rnd}"
 
 
+def actor_kwargs(cfg: Any, store: st.Storage, ckpt_path: str) -> dict:
+    """ConsistencyActor's constructor arguments (all but ``threads``, which the actor pool's plan sets)."""
+    return {"cfg_json": cfg.model_dump(mode="json"), "storage": store.args(), "ckpt_path": ckpt_path}
+
+
 def consistency_map(src: Any, cfg: Any, store: st.Storage, ckpt_path: str, plan: Any, rows: int,
                     udf: type | None = None) -> Any:
     """The stage's Ray Data map: ``src`` (``rows`` rows) -> per-sample precompute rows on an actor pool of
     ``plan.actors``, one block per batch of ``precompute.batch_size`` (measured in docs/BENCHMARKS.md, stages)."""
-    return pool_map(src, udf or ConsistencyActor, {
-        "cfg_json": cfg.model_dump(mode="json"), "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
-        "ckpt_path": ckpt_path}, rows=rows, plan=plan, batch_size=cfg.precompute.batch_size)
+    return pool_map(src, udf or ConsistencyActor, actor_kwargs(cfg, store, ckpt_path), rows=rows, plan=plan,
+                    batch_size=cfg.precompute.batch_size)
 
 
 def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str, seed: int, rnd: int,

@@ -45,18 +45,24 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+SUPPORTED, NOT_SUPPORTED = "supported", "not supported"
+INCONCLUSIVE, NOT_MEASURED = "within seed-to-seed noise: inconclusive", "not measured"
+ONE_SEED = " (1 seed: no spread, inconclusive)"
+VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED, "better" + ONE_SEED, "not better" + ONE_SEED)
+
+
 def _verdict(a: np.ndarray, b: np.ndarray, higher_is_better: bool = True) -> tuple[str, float]:
     """Compare a (method) with b (baseline): supported / not supported / inconclusive (within noise)."""
     if a.size == 0 or b.size == 0:
-        return "not measured", float("nan")
+        return NOT_MEASURED, float("nan")
     diff = float(np.nanmean(a) - np.nanmean(b)) * (1 if higher_is_better else -1)
     n = min(a.size, b.size)
     if n < 2:
-        return ("better" if diff > 0 else "not better") + " (1 seed: no spread, inconclusive)", diff
+        return ("better" if diff > 0 else "not better") + ONE_SEED, diff
     noise = float(np.nanstd(a, ddof=1) + np.nanstd(b, ddof=1))
     if abs(diff) <= noise:
-        return "within seed-to-seed noise: inconclusive", diff
-    return ("supported" if diff > 0 else "not supported"), diff
+        return INCONCLUSIVE, diff
+    return (SUPPORTED if diff > 0 else NOT_SUPPORTED), diff
 
 
 def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, sweep: dict | None,
@@ -187,8 +193,7 @@ def _claim_lines(test: Any, dwsol: Any | None, summary: dict) -> list[str]:
 # --- reproduction check: one RESULTS.md against another -------------------------------------------------
 
 _PM = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*±\s*(\d+(?:\.\d+)?)\s*$")
-_VERDICTS = re.compile(r"→ (supported|not supported|within seed-to-seed noise: inconclusive|not measured"
-                       r"|(?:not )?better \(1 seed[^)]*\))")
+_VERDICTS = re.compile("→ (" + "|".join(map(re.escape, VERDICTS)) + ")")  # the phrases _verdict writes
 
 
 def mean_std_cells(markdown: str) -> dict[tuple[str, str, str], tuple[float, float]]:

@@ -47,6 +47,10 @@ class Storage:
             self._base = str(Path(self.root_uri).resolve())
             self.root_uri = self._base
 
+    def args(self) -> list:
+        """What ``Storage(*args)`` rebuilds this store from in another process (Ray workers and actors)."""
+        return [self.root_uri, self.s3_endpoint, self.s3_region]
+
     @property
     def bucket(self) -> str:
         return self._base.split("/", 1)[0] if self.is_s3 else ""

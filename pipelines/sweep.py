@@ -74,7 +74,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         param_space={"alpha": ray.tune.grid_search(list(alphas)),
                      "method": ray.tune.grid_search(["tif", "gradcam_thresholded"]),
                      "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
-                     "storage": [store.root_uri, store.s3_endpoint, store.s3_region]},
+                     "storage": store.args()},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-alpha-{h[:8]}", storage_path=store.path("tune"),
                                       storage_filesystem=store.fs if store.is_s3 else None, verbose=1),
@@ -188,7 +188,7 @@ def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker
     tuner = ray.tune.Tuner(
         ray.tune.with_resources(train_trial, {"cpu": 0.25}),
         param_space={"knobs": space, "cfg": cfg.model_dump(mode="json"), "ingest": ingest_manifest,
-                     "storage": [store.root_uri, store.s3_endpoint, store.s3_region],
+                     "storage": store.args(),
                      "cpus": plan.train_worker_cpus},
         tune_config=ray.tune.TuneConfig(metric="val_acc", mode="max", num_samples=cfg.sweep.train_trials,
                                         scheduler=ASHAScheduler(max_t=cfg.sweep.train_epochs, grace_period=1,

@@ -262,7 +262,7 @@ def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: i
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "mode": mode, "seed": seed,
                            "epochs": epochs, "epoch_offset": epoch_offset, "init_path": init_path,
                            "run_id": run_id, "tracking_uri": tracking_uri,
-                           "storage": [store.root_uri, store.s3_endpoint, store.s3_region]},
+                           "storage": store.args()},
         scaling_config=scaling,
         datasets={"train": ds},
         run_config=ray.train.RunConfig(
