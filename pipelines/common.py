@@ -63,6 +63,28 @@ def actor_pool(size: int) -> Any:
     return ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1)
 
 
+def in_order(ds: Any) -> Any:
+    """``ds`` with Ray Data's ``preserve_order`` on (for it and every dataset derived from it; the process's
+    DataContext is left alone). Without it blocks reach the next operator in the order their tasks finish:
+    two smoke runs cut the same 192 training rows into different precompute batches ([64..95, 0..31] vs
+    [0..63]), so the per-batch PGD start differed and E differed by up to 0.04; ``limit(n)`` after a read
+    kept whichever rows came first. Every stage input is read through ``ingest.read_split``, which sets it."""
+    ds.context.execution_options.preserve_order = True
+    return ds
+
+
+def ingest_config() -> Any:
+    """Ray Train's DataConfig for the training set, with ``preserve_order`` on: Ray Train replaces a
+    dataset's execution options with its defaults (the driver's DataContext), so the flag set by
+    ``in_order`` does not reach the workers' shards without this. With one worker the first epoch's
+    (seeded, local-buffer) shuffle then sees the rows in the same order every run."""
+    import ray.train
+
+    opts = ray.train.DataConfig.default_ingest_options()
+    opts.preserve_order = True
+    return ray.train.DataConfig(execution_options=opts)
+
+
 def batch_count(rows: int, batch_size: int) -> int:
     """How many batches (and blocks: ``pool_map`` cuts one per batch) ``rows`` rows make, at least one."""
     return -(-max(1, rows) // max(1, batch_size))

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from pipelines import storage as st
+from pipelines.common import in_order
 
 log = logging.getLogger("xai.ingest")
 STAGE = "ingest"
@@ -102,14 +103,16 @@ def write_split(store: st.Storage, stage: str, split: str, ds: Any, shards: int)
 
 
 def read_split(store: st.Storage, manifest: dict, split: str) -> Any:
-    """A Ray Dataset over exactly the files a stage's manifest lists for a split (Ray 2.60 packs small
-    files into one read task: repartition before an actor pool, see precompute.consistency_map)."""
+    """A Ray Dataset over exactly the files a stage's manifest lists for a split, in their order
+    (``common.in_order``: batches, ``limit`` and the first epoch do not depend on which read task finished
+    first; Ray 2.60 packs small files into one read task: repartition before an actor pool, see
+    ``common.pool_map``)."""
     import ray.data
 
     files = [store.path(f) for f in manifest["files"][split]]
     if not files:
         raise ValueError(f"stage {manifest['stage']!r} has no files for split {split!r}")
-    return ray.data.read_parquet(files, filesystem=store.fs)
+    return in_order(ray.data.read_parquet(files, filesystem=store.fs))
 
 
 def read_split_numpy(store: st.Storage, manifest: dict, split: str, limit: int | None = None,

@@ -18,6 +18,7 @@ if __package__ in (None, ""):
 
 from pipelines import ingest  # noqa: E402
 from pipelines import storage as st  # noqa: E402
+from pipelines.common import ingest_config  # noqa: E402
 
 log = logging.getLogger("xai.sweep")
 STAGE = "sweep"
@@ -133,6 +134,7 @@ def train_trial(config: dict) -> None:
                            "storage": config["storage"], "ingest": config["ingest"]},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
         datasets={"train": ds},
+        dataset_config=ingest_config(),
         run_config=ray.train.RunConfig(name=f"trial-{ray.tune.get_context().get_trial_id()}",
                                        storage_path=store.path("tune"), callbacks=[TuneReportCallback()],
                                        storage_filesystem=store.fs if store.is_s3 else None),
