@@ -66,8 +66,8 @@ def actor_pool(size: int) -> Any:
 def in_order(ds: Any) -> Any:
     """``ds`` with Ray Data's ``preserve_order`` on (for it and every dataset derived from it; the process's
     DataContext is left alone). Without it blocks reach the next operator in the order their tasks finish:
-    two smoke runs cut the same 192 training rows into different precompute batches ([64..95, 0..31] vs
-    [0..63]), so the per-batch PGD start differed and E differed by up to 0.04; ``limit(n)`` after a read
+    in two smoke runs the same 192 training rows left the precompute stage in different orders, its batches
+    (and so their seeded PGD starts) differed and E differed by up to 0.04; ``limit(n)`` after a read
     kept whichever rows came first. Every stage input is read through ``ingest.read_split``, which sets it."""
     ds.context.execution_options.preserve_order = True
     return ds

@@ -26,13 +26,14 @@ def _pid_actor() -> type:
     return _PidActor
 
 
-def _run(rows: int, batch_size: int, actors: int, delay: float) -> list[dict]:
+def _run(rows: int, batch_size: int, actors: int, delay: float, src: object = None) -> list[dict]:
     import ray.data
 
     from pipelines.common import pool_map, resource_plan
 
     plan = resource_plan(4, num_workers=1, actors=actors)  # the session's Ray has 4 CPUs
-    src = ray.data.from_items([{"id": i} for i in range(rows)], override_num_blocks=1)  # one block, as read_parquet
+    if src is None:  # one block, as read_parquet
+        src = ray.data.from_items([{"id": i} for i in range(rows)], override_num_blocks=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ds = pool_map(src, _pid_actor(), {"delay": delay}, rows=rows, plan=plan, batch_size=batch_size)
@@ -85,20 +86,18 @@ def _first_block_last(marker: str) -> object:
 def _batch_layout(ordered: bool, marker: str) -> dict[int, int]:
     import ray.data
 
-    from pipelines.common import in_order, pool_map, resource_plan
+    from pipelines.common import in_order
 
     src = ray.data.from_items([{"id": i} for i in range(12)], override_num_blocks=2)
     if ordered:
         src = in_order(src)
     src = src.map_batches(_first_block_last(marker), batch_size=None)  # two tasks, one per block
-    plan = resource_plan(4, num_workers=1, actors=1)
-    out = pool_map(src, _pid_actor(), {"delay": 0.0}, rows=12, plan=plan, batch_size=4).take_all()
-    assert sorted(int(r["id"]) for r in out) == list(range(12))
+    out = _run(rows=12, batch_size=4, actors=1, delay=0.0, src=src)
     return {int(r["id"]): int(r["batch_first"]) for r in out}
 
 
 def test_pool_map_batches_do_not_depend_on_which_read_finished_first(ray_session, tmp_path):
     # Without preserve_order the block of ids 6-11 reaches the cut first: batches [6..9], [10, 11, 0, 1], ...
-    # (two smoke runs differed this way in their precompute batches and so in E).
+    # (blocks out of order made two smoke runs of 502467a differ in the precompute E).
     assert _batch_layout(False, str(tmp_path / "a")) != {i: i - i % 4 for i in range(12)}
     assert _batch_layout(True, str(tmp_path / "b")) == {i: i - i % 4 for i in range(12)}  # [0..3], [4..7], [8..11]
