@@ -51,7 +51,7 @@ from bench._timing import fix_threads, machine, markdown_table, measure, publish
 from pipelines import ingest
 from pipelines.common import batch_count, make_model, resource_plan, state_bytes
 from pipelines.config import ROOT, Config, load_config
-from pipelines.precompute import ConsistencyActor, actor_kwargs, consistency_map
+from pipelines.precompute import ConsistencyActor, actor_kwargs, consistency_map, write_samples
 from pipelines.storage import Storage
 
 COLUMNS = ["idx", "image", "label", "group", "mask"]  # what run_round selects before the map
@@ -166,11 +166,14 @@ class TimedPath:
     actors: int
     src: Any = None
     blocks: int | None = None
+    write: bool = False  # the whole round as run_round runs it (precompute.write_samples), not only the map
 
 
-def run(cfg: Config, actor_counts: list[int], repeats: int, warmup: str = "all") -> dict:
+def run(cfg: Config, actor_counts: list[int], repeats: int, warmup: str = "all", write: bool = False) -> dict:
     """A warm-up round (``warmup``: "all" paths, "one" = the 1-actor pool only, "none"), then ``repeats``
-    interleaved timed rounds; checks rows out == rows in; returns the payload's result fields."""
+    interleaved timed rounds; checks rows out == rows in; returns the payload's result fields. ``write``
+    adds, per actor count, the stage's whole round without MLflow (``precompute.write_samples``: read the
+    Parquet split, the map, the Parquet write of every per-sample column, the read-back of E and v)."""
     import ray
 
     cluster_cpus = float(ray.cluster_resources().get("CPU", 1))
@@ -186,6 +189,11 @@ def run(cfg: Config, actor_counts: list[int], repeats: int, warmup: str = "all")
         for k in actor_counts:
             name = f"{k} actor{'s' if k > 1 else ''}"
             paths.append(TimedPath(name, name, k, src, batch_count(cfg.data.n_train, cfg.precompute.batch_size)))
+        if write:
+            paths += [TimedPath(f"{k} actor{'s' if k > 1 else ''} + write", f"{k} actor{'s' if k > 1 else ''}: "
+                                "read, map, write (write_samples)", k, None,
+                                batch_count(cfg.data.n_train, cfg.precompute.batch_size), write=True)
+                      for k in actor_counts]
         batches = list(src.iter_batches(batch_size=cfg.precompute.batch_size, batch_format="numpy"))
         kwargs = {**actor_kwargs(cfg, store, CKPT), "threads": 1}
         print(f"  input ready in {time.perf_counter() - t0:.1f}s: {len(manifest['files']['train'])} Parquet "
@@ -199,13 +207,21 @@ def run(cfg: Config, actor_counts: list[int], repeats: int, warmup: str = "all")
 
         def pool(p: TimedPath) -> Callable[[], int]:
             def call() -> int:
-                rows_out.append((p.key, stage_map(p.src, cfg, store, p.actors, cluster_cpus).materialize().count()))
+                if p.write:
+                    stage = f"precompute/bench_{len(rows_out)}"
+                    plan = resource_plan(cluster_cpus, num_workers=1, actors=p.actors)
+                    _, cols = write_samples(cfg, store, manifest, CKPT, plan, stage)
+                    store.remove_dir(stage)
+                    rows_out.append((p.key, len(cols["idx"])))
+                else:
+                    rows_out.append((p.key, stage_map(p.src, cfg, store, p.actors, cluster_cpus).materialize()
+                                     .count()))
                 return rows_out[-1][1]
             return call
 
         warm: dict[str, dict] = {}
         for p in paths:
-            if warmup == "all" or (warmup == "one" and p.key == "1 actor"):
+            if (warmup == "all" and not p.write) or (warmup == "one" and p.key == "1 actor"):
                 t1 = time.perf_counter()
                 if p.actors == 0:
                     warm[p.key] = {"rows": plain()}
@@ -278,6 +294,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", choices=["all", "one", "none"], default=None,
                     help="untimed, instrumented warm-up round: every path (default), the 1-actor pool only "
                          "(--tiny default), or none")
+    ap.add_argument("--write", action="store_true",
+                    help="also time the whole round per actor count: read, map and Parquet write "
+                         "(precompute.write_samples)")
     ap.add_argument("--ray-cpus", type=int, default=3,
                     help="logical CPUs of the local Ray instance started here (default 3)")
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")
@@ -304,7 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"precompute: {n} images {size}px, batch {cfg.precompute.batch_size}, {cfg.model.arch} width "
               f"{cfg.model.width}, consistency steps {cfg.consistency.steps}, actors {counts}, "
               f"repeats={repeats}, warm-up {warmup}, Ray CPUs {ray.cluster_resources().get('CPU')}", flush=True)
-        out = run(cfg, counts, repeats, warmup)
+        out = run(cfg, counts, repeats, warmup, args.write)
     finally:
         if own:
             ray.shutdown()

@@ -78,6 +78,24 @@ def consistency_map(src: Any, cfg: Any, store: st.Storage, ckpt_path: str, plan:
                     batch_size=cfg.precompute.batch_size)
 
 
+def write_samples(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str, plan: Any,
+                  stage: str) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The round's Ray Data part: read the training split, map it on the actor pool, write the per-sample
+    rows under ``<stage>/samples/``; returns (files written, their idx/E/v/group columns), checked to hold
+    every training sample once. Nothing is committed here (``run_round`` does that)."""
+    n = ingest_manifest["rows"]["train"]
+    src = ingest.read_split(store, ingest_manifest, "train").select_columns(
+        ["idx", "image", "label", "group", "mask"])
+    out = consistency_map(src, cfg, store, ckpt_path, plan, n)
+    files = ingest.write_split(store, stage, "samples", out, max(1, -(-n // cfg.data.rows_per_shard)))
+    cols = ingest.read_split_numpy(store, {"files": {"samples": files}, "stage": stage}, "samples",
+                                   columns=["idx", "E", "v", "group"])
+    if len(cols["idx"]) != n or len(np.unique(cols["idx"])) != n:
+        raise RuntimeError(f"precompute {stage}: wrote {len(cols['idx'])} rows "
+                           f"({len(np.unique(cols['idx']))} distinct) for {n} training samples")
+    return files, cols
+
+
 def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str, seed: int, rnd: int,
               tracker: Any, parent_run: str, plan: Any, force: bool = False) -> tuple[dict, np.ndarray]:
     """One precompute round with the checkpoint at ckpt_path; returns (manifest, w indexed by idx)."""
@@ -89,17 +107,8 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
     manifest = None if force else st.committed(store, stage, h)
     if manifest is None:
         st.begin(store, stage)
-        src = ingest.read_split(store, ingest_manifest, "train").select_columns(
-            ["idx", "image", "label", "group", "mask"])
-        out = consistency_map(src, cfg, store, ckpt_path, plan, ingest_manifest["rows"]["train"])
-        shards = max(1, -(-ingest_manifest["rows"]["train"] // cfg.data.rows_per_shard))
-        files = ingest.write_split(store, stage, "samples", out, shards)
-        cols = ingest.read_split_numpy(store, {"files": {"samples": files}, "stage": stage}, "samples",
-                                       columns=["idx", "E", "v", "group"])
+        files, cols = write_samples(cfg, store, ingest_manifest, ckpt_path, plan, stage)
         n = ingest_manifest["rows"]["train"]
-        if len(cols["idx"]) != n or len(np.unique(cols["idx"])) != n:
-            raise RuntimeError(f"precompute {stage}: wrote {len(cols['idx'])} rows "
-                               f"({len(np.unique(cols['idx']))} distinct) for {n} training samples")
         w = normalise_weights(torch.from_numpy(cols["v"]), power=cfg.consistency.power,
                               w_min=cfg.consistency.w_min, w_max=cfg.consistency.w_max).numpy()
         import pyarrow as pa

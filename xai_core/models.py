@@ -8,7 +8,6 @@ so forward hooks capture clean tensors.
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn
 
 
@@ -65,16 +64,23 @@ class SmallResNet(nn.Module):
 
 def available_archs() -> list[str]:
     """Names accepted by ``build_model``: "small_resnet" and torchvision's classification models."""
+    import torchvision
+
     return ["small_resnet", *torchvision.models.list_models(module=torchvision.models)]
 
 
 def build_model(arch: str, num_classes: int, **kw: object) -> nn.Module:
-    """Build an untrained model (never downloads weights) with ``default_layers``/``cam_layer`` set."""
+    """Build an untrained model (never downloads weights) with ``default_layers``/``cam_layer`` set.
+
+    torchvision is imported only for its architectures: importing it costs about 3 s (it pulls in
+    torch._dynamo), which every actor of a stage paid at start-up for the small ResNet."""
+    if arch == "small_resnet":
+        return SmallResNet(num_classes=num_classes, **kw)
     allowed = available_archs()
     if arch not in allowed:
         raise ValueError(f"unknown arch {arch!r}: allowed values are {', '.join(allowed)}")
-    if arch == "small_resnet":
-        return SmallResNet(num_classes=num_classes, **kw)
+    import torchvision
+
     model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kw)
     for m in model.modules():  # in-place activations corrupt tensors captured by hooks
         if getattr(m, "inplace", False) is True:

@@ -67,7 +67,7 @@ def test_stages_tiny(tmp_path):
         ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1"}})
     try:
-        stages.main(["--tiny", "--out-dir", str(tmp_path)])
+        stages.main(["--tiny", "--write", "--out-dir", str(tmp_path)])
         assert ray.is_initialized()
     finally:
         if own:
@@ -75,12 +75,11 @@ def test_stages_tiny(tmp_path):
     data = json.loads((tmp_path / "stages_tiny.json").read_text())
     assert data["reused_ray"] is True
     rows = {r["key"]: r for r in data["rows"]}
-    assert {"plain", "1 actor", "2 actors"} <= set(rows)
-    assert set(rows) == {"plain", "1 actor", "2 actors"}
+    assert set(rows) == {"plain", "1 actor", "2 actors", "1 actor + write", "2 actors + write"}
     for r in rows.values():
         assert _positive_finite(r["median_s"]) and _positive_finite(r["images_per_s"])
         assert r["torch_threads"] == 1
-    for key in ("1 actor", "2 actors"):
+    for key in ("1 actor", "2 actors", "1 actor + write", "2 actors + write"):
         assert rows[key]["actors"] == int(key[0]) and rows[key]["input_blocks"] >= 1
     assert rows["2 actors"]["input_blocks"] == 4  # the stage repartitions into 2 x actors blocks
     # --tiny warms up (instrumented) the 1-actor pool only

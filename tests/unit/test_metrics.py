@@ -372,3 +372,28 @@ def test_model_randomisation_bad_layer():
     model, x, t = _rand_setup()
     with pytest.raises(ValueError, match="fc"):
         model_randomisation(model, x, t, saliency_fn, layer_order=["fc"])
+
+
+# ---------------------------------------------------------------- sorting (the metrics' and SCAAT's ranking)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("descending", [False, True])
+def test_stable_argsort_equals_torch_stable_sort(dtype, descending):
+    from xai_core._tensor import sort_rows, stable_argsort
+
+    # Ties (values drawn from 5 levels), both zeros, infinities, NaNs of both signs, tiny and huge values.
+    x = seeded(lambda: torch.randint(-2, 3, (6, 300)).to(torch.float32) * 0.25, 9)
+    x[0, :8] = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), 1e-38, -1e-38, 3e38, -3e38])
+    x[1, 5], x[1, 7] = float("nan"), -float("nan")
+    x[2] = -0.0
+    x = x.to(dtype)
+    ref = torch.sort(x, dim=1, descending=descending, stable=True).indices
+    assert torch.equal(stable_argsort(x, descending=descending), ref)
+    assert stable_argsort(x).dtype == torch.int64
+    values = sort_rows(x)
+    assert values.dtype == dtype
+    torch.testing.assert_close(values, torch.sort(x, dim=1).values, rtol=0, atol=0, equal_nan=True)
+    # the ranking every user of it needs: the value order, ties in index order
+    order = stable_argsort(x[3:4], descending=descending)[0].tolist()
+    vals = x[3].tolist()
+    assert order == sorted(range(300), key=lambda i: (-vals[i] if descending else vals[i], i))

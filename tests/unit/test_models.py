@@ -87,3 +87,22 @@ def test_load_state_dict_checked():
         load_state_dict_checked(dst, extra)
     with pytest.raises(ValueError, match=r"missing keys: .*layer4|missing keys: fc\.weight"):
         load_state_dict_checked(dst, {k: v for k, v in src.state_dict().items() if k != "fc.weight"})
+
+
+def test_stage_imports_leave_torchvision_out_for_the_small_resnet():
+    # Every actor of a stage imports these and builds the configured model; torchvision (and the
+    # torch._dynamo it pulls in) took about 3 s of each actor's start-up. A torchvision arch still loads it.
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from pipelines.common import load_model, to_tensors\n"
+            "from pipelines.precompute import ConsistencyActor\n"
+            "from pipelines.evaluate import EvalActor\n"
+            "from xai_core.models import build_model\n"
+            "build_model('small_resnet', 3, width=4)\n"
+            "print(sorted(m for m in ('torchvision', 'torch._dynamo') if m in sys.modules))\n"
+            "build_model('resnet18', 3)\n"
+            "print('torchvision' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[:2] == ["[]", "True"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from xai_core._tensor import check_maps
+from xai_core._tensor import check_maps, sort_rows
 
 
 def gini(maps: torch.Tensor) -> torch.Tensor:
@@ -15,7 +15,7 @@ def gini(maps: torch.Tensor) -> torch.Tensor:
     """
     check_maps(maps)
     dtype = maps.dtype if maps.is_floating_point() else torch.float32
-    a = torch.sort(maps.abs().flatten(1).to(dtype), dim=1).values
+    a = sort_rows(maps.abs().flatten(1).to(dtype))
     n = a.shape[1]
     k = torch.arange(1, n + 1, device=a.device, dtype=dtype)
     # sum_k c_k a_k with c_k = 2k-n-1 = -c_{n+1-k} equals 1/2 sum_k c_k (a_k - a_{n+1-k}): every term is

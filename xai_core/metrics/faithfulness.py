@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xai_core._tensor import as_targets, check_images, check_maps
+from xai_core._tensor import as_targets, check_images, check_maps, stable_argsort
 
 Fill = str | float | torch.Tensor
 AUCResult = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
@@ -69,7 +69,7 @@ def pixel_ranks(maps: torch.Tensor, order: str = "map", generator: torch.Generat
     flat = maps.flatten(1)
     b, n = flat.shape
     if order == "map":
-        perm = torch.sort(flat, dim=1, descending=True, stable=True).indices
+        perm = stable_argsort(flat, descending=True)
     elif order == "random":
         dev = generator.device if generator is not None else torch.device("cpu")
         perm = torch.rand(b, n, generator=generator, device=dev).argsort(dim=1).to(flat.device)

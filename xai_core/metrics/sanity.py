@@ -9,14 +9,17 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from xai_core._tensor import check_maps, check_same_shape
+from xai_core._tensor import check_maps, check_same_shape, stable_argsort
 
 ExplainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def average_ranks(a: torch.Tensor) -> torch.Tensor:
     """Ranks (1-based, float64) along the last dim of [B,N]; tied values share their average rank."""
-    vals, perm = torch.sort(a.double(), dim=1, stable=True)
+    # float32 and narrower sort in the same order as their float64 values: numpy's fast path (_tensor).
+    narrow = a.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    perm = stable_argsort(a if narrow else a.double())
+    vals = a.double().gather(1, perm)
     b, n = vals.shape
     new_group = torch.ones_like(vals, dtype=torch.bool)
     new_group[:, 1:] = vals[:, 1:] != vals[:, :-1]
@@ -36,15 +39,21 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     check_same_shape(a, b, "a", "b")
     if a.dim() < 2:
         raise ValueError(f"a and b must be batches [B,...] of samples, got shape {tuple(a.shape)}")
-    ra = average_ranks(a.flatten(1))
-    rb = average_ranks(b.flatten(1).to(a.device))
-    ra = ra - ra.mean(1, keepdim=True)
-    rb = rb - rb.mean(1, keepdim=True)
+    return _rank_corr(_centred_ranks(a), _centred_ranks(b.to(a.device)), a.dtype)
+
+
+def _centred_ranks(a: torch.Tensor) -> torch.Tensor:
+    """Average ranks of each flattened sample of a [B,...], minus their mean (float64 [B,N])."""
+    r = average_ranks(a.flatten(1))
+    return r - r.mean(1, keepdim=True)
+
+
+def _rank_corr(ra: torch.Tensor, rb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Pearson correlation [B] of centred ranks; NaN where a sample is constant; in ``dtype`` if floating."""
     den = torch.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
     r = (ra * rb).sum(1) / torch.where(den > 0, den, torch.ones_like(den))
     r = torch.where(den > 0, r.clamp(-1.0, 1.0), torch.full_like(r, float("nan")))
-    out_dtype = a.dtype if a.is_floating_point() else torch.float32
-    return r.to(out_dtype)
+    return r.to(dtype if dtype.is_floating_point else torch.float32)
 
 
 def _default_layer_order(model: nn.Module) -> list[str]:
@@ -94,12 +103,13 @@ def model_randomisation(model: nn.Module, x: torch.Tensor, target: torch.Tensor 
     original = explain_fn(work, x, target)
     check_maps(original, "explain_fn output")
     original = original.detach()
+    ranks = _centred_ranks(original)  # ranked once, compared with every step's map
     out: dict[str, torch.Tensor] = {}
     for step, name in enumerate(order):
         _reinit(work.get_submodule(name), name, seed + step)
         randomised = explain_fn(work, x, target)
         check_same_shape(randomised, original, "randomised map", "original map")
-        out[name] = spearman(original, randomised.detach())
+        out[name] = _rank_corr(ranks, _centred_ranks(randomised.detach().to(original.device)), original.dtype)
     return out
 
 

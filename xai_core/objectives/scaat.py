@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from xai_core._tensor import check_images
+from xai_core._tensor import check_images, stable_argsort
 from xai_core.attribution import layer_maps
 from xai_core.attribution.gradients import reduce_abs_max
 from xai_core.perturb import pgd
@@ -65,7 +65,7 @@ def low_saliency_region(saliency: torch.Tensor, keep: float) -> torch.Tensor:
     """
     flat = saliency.flatten(1)
     k = int(math.floor(keep * flat.shape[1] + 0.5))
-    order = flat.argsort(dim=1, stable=True)
+    order = stable_argsort(flat)
     region = torch.zeros(flat.shape, dtype=torch.bool, device=flat.device)
     region.scatter_(1, order[:, :k], True)
     return region.view(saliency.shape).unsqueeze(1)
