@@ -5,8 +5,9 @@
 
 Integrated gradients (16 steps of a 64-image batch) with internal_batch_size None (the default: about
 ``PASS_INPUT_BYTES`` of input per pass), 1024, 512, 256, 128, 64 rows per pass, in cost units; and the
-deletion curve (96 steps) with chunk_size 32, 64, 128, the default and everything in one forward, beside
-97 plain forwards of the batch (its floor). Writes bench/results/pass_size.json and prints a table.
+deletion curve (96 steps) with chunk_size 32, 64, 128, the default (about ``FORWARD_INPUT_BYTES`` of input per
+forward) and everything in one forward, beside 97 plain forwards of the batch (its floor). Writes
+bench/results/pass_size.json and prints a table.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests._procs import kill_processes_with_env
 from tests.integration.conftest import ROOT, free_port
 
 SMOKE = str(ROOT / "configs/smoke.yaml")
@@ -25,20 +26,6 @@ REDUCED = ["--set", "train.modes=[erm]", "--set", "sweep.enabled=false", "--set"
 
 
 # ------------------------------------------------------------------------------ driver killed mid-run
-def _processes_with_env(marker: str) -> list[int]:
-    """PIDs whose environment holds marker (every process of a Ray started under that environment)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            if marker.encode() in (d / "environ").read_bytes().split(b"\0"):
-                pids.append(int(d.name))
-        except OSError:
-            continue
-    return pids
-
-
 def _kill_own_ray(proc: subprocess.Popen | None, marker: str) -> None:
     """SIGKILL the subprocess's group and whatever of its own Ray outlived it (never `ray stop`: that
     would stop every Ray on the machine, the test session's included)."""
@@ -48,27 +35,14 @@ def _kill_own_ray(proc: subprocess.Popen | None, marker: str) -> None:
         except ProcessLookupError:
             pass
         proc.wait(timeout=30)
-    deadline = time.time() + 30
-    while (pids := _processes_with_env(marker)) and time.time() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.5)
-    assert not _processes_with_env(marker), "processes of the killed run's Ray are still alive"
+    kill_processes_with_env(marker)
 
 
-def _final_tables(store: Path) -> tuple[dict, "object"]:
-    """The trained models' weights and the evaluate rows (model-determined metrics), sorted."""
-    import pandas as pd
+def _final_weights(store: Path) -> dict:
+    """The trained models' weights, by model."""
     import torch
 
-    weights = {p.parent.name: torch.load(p, weights_only=True)["model"] for p in (store / "train").glob("*/model.pt")}
-    df = pd.concat([pd.read_parquet(f) for f in sorted((store / "evaluate" / "test").glob("*.parquet"))])
-    keep = ["idx", "model", "method", "correct", "pointing_game", "energy_pointing_game", "iou", "gini",
-            "deletion_auc", "insertion_auc", "wsss_miou"]
-    return weights, df[[c for c in keep if c in df]].sort_values(["model", "method", "idx"]).reset_index(drop=True)
+    return {p.parent.name: torch.load(p, weights_only=True)["model"] for p in (store / "train").glob("*/model.pt")}
 
 
 @pytest.mark.slow
@@ -119,11 +93,13 @@ def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_
     finally:
         _kill_own_ray(None, marker)  # leftovers of the rerun's Ray, if any
 
-    # The same final tables as a run that was never killed: same weights (a resumed epoch sees the same
-    # batches, ShardCache) and the same per-sample metrics.
+    # The same final weights as a run that was never killed (a resumed epoch sees the same batches,
+    # ShardCache); the evaluate tables are a function of the weights (evaluate ran whole in the rerun).
+    # The reference trains on a copy of the committed ingest (the same bytes) and stops after train.
     ref_runs = tmp_path / "reference"
+    shutil.copytree(store / "ingest", ref_runs / "smoke" / "ingest")
     ref = subprocess.run([sys.executable, "pipelines/full.py", *settings, "--set", f"storage.uri={ref_runs}",
-                          "--set", f"tracking.uri=sqlite:///{tmp_path / 'reference.db'}"],
+                          "--set", f"tracking.uri=sqlite:///{tmp_path / 'reference.db'}", "--only", "train"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=480)
     try:
         assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-5000:]
@@ -132,14 +108,11 @@ def test_driver_killed_during_training_then_rerun_skips_ingest_and_finishes(tmp_
         shutil.rmtree(ray_tmp, ignore_errors=True)
     import torch
 
-    (w_resumed, t_resumed), (w_ref, t_ref) = _final_tables(store), _final_tables(ref_runs / "smoke")
+    assert ": ran train." in ref.stdout, ref.stdout  # on the copied ingest
+    w_resumed, w_ref = _final_weights(store), _final_weights(ref_runs / "smoke")
     assert sorted(w_resumed) == sorted(w_ref) == ["erm_s0"]
     for name, tensor in w_ref["erm_s0"].items():
         assert torch.equal(w_resumed["erm_s0"][name], tensor), name
-    assert len(t_ref) == 16 * 2
-    import pandas as pd
-
-    pd.testing.assert_frame_equal(t_resumed, t_ref)
 
 
 # ---------------------------------------------------------- a train worker and a Ray Data actor killed

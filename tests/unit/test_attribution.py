@@ -222,3 +222,14 @@ def test_default_pass_size_bounds_the_input_bytes_per_pass():
     assert default_steps_per_pass(x, 1) == 1
     assert default_steps_per_pass(torch.zeros(16, 3, 224, 224), 16) == 1  # 9.2 MiB: still one step per pass
     assert default_steps_per_pass(torch.zeros(2, 3, 8, 8), 16) == 16  # tiny: every step in one pass
+
+
+def test_forward_only_passes_use_their_own_smaller_budget():
+    from xai_core.attribution.gradients import FORWARD_INPUT_BYTES, default_steps_per_pass
+    from xai_core.metrics.faithfulness import _default_rows
+
+    assert FORWARD_INPUT_BYTES["cpu"] == 2**20
+    one = torch.zeros(1, 3, 64, 64)  # 48 KiB per image: 21 images per 1 MiB forward
+    assert _default_rows(one, 97 * 64) == 21 == default_steps_per_pass(one, 97 * 64, FORWARD_INPUT_BYTES)
+    assert _default_rows(one, 5) == 5
+    assert _default_rows(torch.zeros(1, 3, 1024, 1024), 10) == 1  # 12 MiB per image: one per forward

@@ -18,11 +18,16 @@ StepReducer = Callable[[LayerMaps, int], dict[str, torch.Tensor]]
 # ResNet (64 px, 1 thread) cost 31.7 units in one 1024-row pass, 27.1 in 512-row passes, 11.8 in 128-row
 # passes (bench/results, docs/BENCHMARKS.md). GPUs want large passes; memory bounds them.
 PASS_INPUT_BYTES = {"cpu": 8 << 20, "cuda": 512 << 20}
+# The same for forward-only passes (no_grad: deletion/insertion curves). Measured on the small ResNet (64 px,
+# 64 images x 97 curve points, 1 thread, two ad hoc runs side by side): 1-3 MiB per forward took 3.0-4.6 s,
+# 6-9 MiB 4.1-5.1 s; resnet18 at 224 px was flat between 1 and 8 MiB (docs/BENCHMARKS.md, metrics).
+FORWARD_INPUT_BYTES = {"cpu": 1 << 20, "cuda": 512 << 20}
 
 
-def default_steps_per_pass(one_step: torch.Tensor, n: int) -> int:
-    """Steps per pass so that a pass holds about PASS_INPUT_BYTES of input (at least 1, at most n)."""
-    budget = PASS_INPUT_BYTES.get(one_step.device.type, PASS_INPUT_BYTES["cpu"])
+def default_steps_per_pass(one_step: torch.Tensor, n: int, budgets: dict[str, int] = PASS_INPUT_BYTES) -> int:
+    """Steps per pass so that a pass holds about ``budgets[device]`` bytes of input (default
+    PASS_INPUT_BYTES; at least 1, at most n)."""
+    budget = budgets.get(one_step.device.type, budgets["cpu"])
     step_bytes = max(1, one_step.numel() * one_step.element_size())
     return int(min(n, max(1, budget // step_bytes)))
 

@@ -88,7 +88,7 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, t
 
     Returns (curves [B,n_steps+1], fractions [n_steps+1]) with fractions[k] = (k*N // n_steps) / N,
     the share of the N pixels changed at point k. All B*(n_steps+1) images run in batched forwards of
-    at most ``chunk_size`` images (default: about 8 MiB of input per forward on CPU). METHODS §6
+    at most ``chunk_size`` images (default: about 1 MiB of input per forward on CPU). METHODS §6
     """
     check_images(x)
     check_maps(maps)
@@ -127,11 +127,11 @@ def perturbation_curves(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, t
 
 
 def _default_rows(one_image: torch.Tensor, total: int) -> int:
-    """Images per forward when chunk_size is not given: about PASS_INPUT_BYTES of input per pass (one
-    pass over all B*(n_steps+1) images outgrows the caches on CPU: docs/BENCHMARKS.md, metrics)."""
-    from xai_core.attribution.gradients import default_steps_per_pass
+    """Images per forward when chunk_size is not given: about FORWARD_INPUT_BYTES of input per forward (one
+    forward over all B*(n_steps+1) images outgrows the caches on CPU: docs/BENCHMARKS.md, metrics)."""
+    from xai_core.attribution.gradients import FORWARD_INPUT_BYTES, default_steps_per_pass
 
-    return default_steps_per_pass(one_image, total)
+    return default_steps_per_pass(one_image, total, FORWARD_INPUT_BYTES)
 
 
 def _auc(model: nn.Module, x: torch.Tensor, maps: torch.Tensor, target: torch.Tensor | int, n_steps: int,
