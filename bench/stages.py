@@ -338,8 +338,11 @@ def main(argv: list[str] | None = None) -> dict:
                "notes": ["each actor-pool call includes starting the pool (processes, imports, checkpoint load)",
                          "warm-up columns come from the untimed, instrumented warm-up round (a cold pool start; "
                          "peak RSS = VmHWM of the actor's process)",
-                         "input blocks: the stage's map repartitions its input into 2 x actors blocks "
+                         "input blocks: the stage's map repartitions its input into one block per batch "
                          "(Ray 2.60's read_parquet packs small files into one block)",
+                         "'+ write' rows (--write): precompute.write_samples, i.e. the Parquet read of the split, "
+                         "the map, the Parquet write of every per-sample column and the read-back of E and v; "
+                         "never warmed up",
                          "the plain loop is one process with 1 torch thread; its call includes building "
                          "ConsistencyActor (checkpoint load)",
                          f"targets: 2 actors >= {TARGET_SCALING}x 1 actor; plain / 1 actor <= {TARGET_OVERHEAD}"]}

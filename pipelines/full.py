@@ -168,24 +168,21 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
             raise RuntimeError(f"stage {name} is not committed under {store.root_uri}: run the full pipeline first")
         return manifest
 
-    status = "FAILED"
-    try:
+    def run_stages() -> None:  # returns after the stage that --only names
         r = stage_run("ingest")
         if wanted("ingest"):
             ing, did = ingest.run(cfg, store, force="ingest" in force)
             tracker.log_metrics(r, {f"rows_{k}": v for k, v in ing["rows"].items()})
             note("ingest", did, r)
         if last("ingest"):
-            status = "FINISHED"
-            return 0
+            return
         ing = need("ingest", st.committed(store, ingest.STAGE, ingest.config_hash(cfg)))
         r = stage_run("train")
         if wanted("train"):
             tr, did = train.run(cfg, store, ing, tracker, r, plan, force="train" in force)
             note("train", did, r)
         if last("train"):
-            status = "FINISHED"
-            return 0
+            return
         tr = need("train", st.committed(store, train.STAGE, train.config_hash(cfg)))
         alpha, sweep_result = cfg.evaluate.tif_alpha, None
         if cfg.sweep.enabled and ("tif" in cfg.evaluate.methods or args.only == "sweep"):
@@ -198,25 +195,28 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
                 sweep_result = store.read_json(sweep.STAGE, "results.json")
                 alpha = float(sweep_result["best_alpha"])
         if last("sweep"):
-            status = "FINISHED"
-            return 0
+            return
         r = stage_run("evaluate")
         if wanted("evaluate"):
             ev, did = evaluate.run(cfg, store, ing, tr, alpha, tracker, r, plan, force="evaluate" in force)
             note("evaluate", did, r)
         if last("evaluate"):
-            status = "FINISHED"
-            return 0
+            return
         ev = need("evaluate", st.committed(store, evaluate.STAGE, evaluate.config_hash(cfg, alpha)))
         r = stage_run("report")
         if wanted("report"):
             rp, did = report.run(cfg, store, ing, tr, ev, sweep_result, tracker, r, force="report" in force)
             note("report", did, r)
+
+    status = "FAILED"
+    try:
+        run_stages()
         status = "FINISHED"
     finally:
         tracker.finish(parent, status)
     if not done:
-        print(f"Nothing to do: every stage of {cfg.name!r} is already committed under {store.root_uri} "
+        what = f"stage {args.only}" if args.only else "every stage"
+        print(f"Nothing to do: {what} of {cfg.name!r} is already committed under {store.root_uri} "
               f"(use --force STAGE to redo one).")
     else:
         print(f"Done in {time.time() - t0:.0f}s: ran {', '.join(done)}"

@@ -81,7 +81,7 @@ def test_stages_tiny(tmp_path):
         assert r["torch_threads"] == 1
     for key in ("1 actor", "2 actors", "1 actor + write", "2 actors + write"):
         assert rows[key]["actors"] == int(key[0]) and rows[key]["input_blocks"] >= 1
-    assert rows["2 actors"]["input_blocks"] == 4  # the stage repartitions into 2 x actors blocks
+    assert rows["2 actors"]["input_blocks"] == 4  # one block per batch: 64 images, batch 16 (--tiny)
     # --tiny warms up (instrumented) the 1-actor pool only
     one = rows["1 actor"]
     assert _positive_finite(one["peak_rss_mib"]) and _positive_finite(one["warmup_pool_start_s"])

@@ -18,9 +18,10 @@ StepReducer = Callable[[LayerMaps, int], dict[str, torch.Tensor]]
 # ResNet (64 px, 1 thread) cost 31.7 units in one 1024-row pass, 27.1 in 512-row passes, 11.8 in 128-row
 # passes (bench/results, docs/BENCHMARKS.md). GPUs want large passes; memory bounds them.
 PASS_INPUT_BYTES = {"cpu": 8 << 20, "cuda": 512 << 20}
-# The same for forward-only passes (no_grad: deletion/insertion curves). Measured on the small ResNet (64 px,
-# 64 images x 97 curve points, 1 thread, two ad hoc runs side by side): 1-3 MiB per forward took 3.0-4.6 s,
-# 6-9 MiB 4.1-5.1 s; resnet18 at 224 px was flat between 1 and 8 MiB (docs/BENCHMARKS.md, metrics).
+# The same for forward-only passes (no_grad: deletion/insertion curves). Small ResNet (64 px, 64 images x 97
+# curve points, 1 thread), two ad hoc runs, sizes side by side: 1.5-3 MiB per forward 3.0 s against 3.8-4.4 s
+# for 6-9 MiB; 1 MiB 3.6 s against 4.3-5.1 s for 2-4 MiB. resnet18 at 224 px: 12.5 s for 1.1-3.4 MiB,
+# 13.1 s for 8 MiB (docs/BENCHMARKS.md, metrics).
 FORWARD_INPUT_BYTES = {"cpu": 1 << 20, "cuda": 512 << 20}
 
 
