@@ -44,9 +44,9 @@ def _wait_http(url: str, timeout: float) -> None:
 @pytest.fixture
 def head(tmp_path):
     port, dash, agent = _free_port(), _free_port(), _free_port()
-    marker = f"XAI_E2E_HEAD={os.getpid()}-{port}"  # every process of this cluster inherits it
+    key, value = "XAI_E2E_HEAD", f"{os.getpid()}-{port}"  # every process of this cluster inherits it
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180", marker.split("=")[0]: marker.split("=")[1]}
+           "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "180", key: value}
     temp = Path("/tmp") / f"ray_e2e_{os.getpid()}"  # Ray's socket paths must stay short
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1",
@@ -67,7 +67,7 @@ def head(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
-        kill_processes_with_env(marker)
+        kill_processes_with_env(f"{key}={value}")
 
 
 def test_ray_job_submit_smoke(head, tmp_path):

@@ -16,9 +16,8 @@ ExplainFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 
 def average_ranks(a: torch.Tensor) -> torch.Tensor:
     """Ranks (1-based, float64) along the last dim of [B,N]; tied values share their average rank."""
-    # float32 and narrower sort in the same order as their float64 values: numpy's fast path (_tensor).
-    narrow = a.dtype in (torch.float32, torch.float16, torch.bfloat16)
-    perm = stable_argsort(a if narrow else a.double())
+    # A float sorts in the same order as its float64 value: sorted as it is (stable_argsort picks the path).
+    perm = stable_argsort(a if a.is_floating_point() else a.double())
     vals = a.double().gather(1, perm)
     b, n = vals.shape
     new_group = torch.ones_like(vals, dtype=torch.bool)
