@@ -7,6 +7,9 @@ columns idx, image (uint8 [3,S,S] tensor), label, mask, box, background, group (
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -16,6 +19,8 @@ from pipelines.common import in_order
 
 log = logging.getLogger("xai.ingest")
 STAGE = "ingest"
+FOOTER_ACTORS_ENV = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+FOOTER_BATCH_FILES = 10  # Ray 2.60's footer batch (RAY_DATA_PARQUET_FOOTER_BATCH_SIZE): files per actor call
 
 
 def config_hash(cfg: Any) -> str:
@@ -112,7 +117,29 @@ def read_split(store: st.Storage, manifest: dict, split: str) -> Any:
     files = [store.path(f) for f in manifest["files"][split]]
     if not files:
         raise ValueError(f"stage {manifest['stage']!r} has no files for split {split!r}")
-    return in_order(ray.data.read_parquet(files, filesystem=store.fs))
+    with footer_readers(len(files)):
+        return in_order(ray.data.read_parquet(files, filesystem=store.fs))
+
+
+@contextmanager
+def footer_readers(n_files: int) -> Iterator[int]:
+    """While a Parquet dataset is built: start no more of Ray Data's footer-reader actors than there are
+    footer batches to read (``ceil(n_files / 10)``); yields the count used.
+
+    Ray 2.60's Parquet reader (datasource V2) reads the footers on a pool of 32 actors per dataset by
+    default, each a Python process to start: on 2 cores, for the 3 files of a split, reading 6,000 training
+    images took 5.5-7.0 s warm (12-14 s the first time) against 2.8 s (7.0 s) with one actor, same batches
+    and bytes (docs/BENCHMARKS.md). The count is read from the environment when ``read_parquet`` builds the
+    dataset (in this process), so it is set around that call only; a value the user exported wins."""
+    if FOOTER_ACTORS_ENV in os.environ:
+        yield int(os.environ[FOOTER_ACTORS_ENV])
+        return
+    n = max(1, -(-n_files // FOOTER_BATCH_FILES))
+    os.environ[FOOTER_ACTORS_ENV] = str(n)
+    try:
+        yield n
+    finally:
+        os.environ.pop(FOOTER_ACTORS_ENV, None)
 
 
 def read_split_numpy(store: st.Storage, manifest: dict, split: str, limit: int | None = None,

@@ -137,9 +137,15 @@ def train_loop(lc: dict) -> None:
     for epoch in range(start, lc["epochs"]):
         t0 = time.time()
         model.train()
-        tot, correct, loss_sum, extra_sum = 0, 0, 0.0, {}
+        tot, correct, loss_sum, extra_sum, waited = 0, 0, 0.0, {}, 0.0
         gen.manual_seed((lc["seed"] * 1000 + rank) * 1000 + epoch)  # per epoch: a resumed run draws the same
-        for raw in cache.epoch(shard, cfg.train.batch_size, seed=lc["seed"] * 100 + epoch):
+        batches = cache.epoch(shard, cfg.train.batch_size, seed=lc["seed"] * 100 + epoch)
+        while True:
+            t_wait = time.time()
+            raw = next(batches, None)  # the time blocked on input: how input-bound the epoch was
+            waited += time.time() - t_wait
+            if raw is None:
+                break
             batch = to_tensors(raw, device)
             with torch.autocast(device.type, enabled=use_amp):
                 loss, logits, extra = batch_loss(model, batch, lc["mode"], cfg, gen)
@@ -157,10 +163,12 @@ def train_loop(lc: dict) -> None:
                 extra_sum[k] = extra_sum.get(k, 0.0) + v * n
         step = lc["epoch_offset"] + epoch + 1
         metrics = {"loss": loss_sum / max(tot, 1), "train_acc": correct / max(tot, 1),
-                   "epoch_seconds": time.time() - t0, **{k: v / max(tot, 1) for k, v in extra_sum.items()}}
+                   "epoch_seconds": time.time() - t0,
+                   "input_wait_seconds": waited, **{k: v / max(tot, 1) for k, v in extra_sum.items()}}
         if tracker is not None:
             progress(f"[{lc['mode']} s{lc['seed']}] epoch {step}: loss {metrics['loss']:.4f} "
-                     f"train_acc {metrics['train_acc']:.3f} ({metrics['epoch_seconds']:.1f}s)")
+                     f"train_acc {metrics['train_acc']:.3f} ({metrics['epoch_seconds']:.1f}s, "
+                     f"{waited:.1f}s waiting for input)")
         report = {**metrics, "epoch": epoch + 1, "global_epoch": step}
         if rank == 0:
             core = getattr(model, "module", model)

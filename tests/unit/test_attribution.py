@@ -111,6 +111,20 @@ def test_hand_computed_gradcam_and_layercam():
     torch.testing.assert_close(lc[1], 0.125 * base)
 
 
+def test_gradcam_pp_weights_by_hand_including_a_zero_denominator():
+    from xai_core.attribution.cam import gradcam_pp_weights
+
+    # alpha = G^2 / (2 G^2 + sum(A) G^3), 0 where G = 0, G^2 where the denominator is 0; w = sum alpha ReLU(G)
+    acts = torch.tensor([[1.0, 1.0, 0.0], [-2.0, -2.0, 0.0]]).view(1, 2, 1, 3)  # sum(A) = 2 and -4
+    grads = torch.tensor([[-1.0, 0.5, 0.0], [0.5, 0.25, 0.0]], requires_grad=True)
+    w = gradcam_pp_weights(acts, grads.view(1, 2, 1, 3))
+    # channel 0: G=-1 -> 0; G=0.5 -> 0.25 / (0.5 + 2 * 0.125) * 0.5 = 1/6; G=0 -> 0
+    # channel 1: G=0.5 -> denominator 0.5 - 4 * 0.125 = 0 -> alpha 0.25 -> 0.125; G=0.25 -> 1 / (2 - 1) * 0.25
+    torch.testing.assert_close(w.flatten(), torch.tensor([1 / 6, 0.125 + 0.25]))
+    w.sum().backward()  # differentiable (create_graph users) and no NaN from the zero denominator
+    assert torch.isfinite(grads.grad).all()
+
+
 def test_multi_layer_cam_is_sum_of_normalised_maps():
     model = TinyCNN().eval()
     x, t = _data()
@@ -164,6 +178,53 @@ def test_mode_and_requires_grad_untouched():
     explain(model, x, t, method="saliency")
     assert model.training and all(m.training for m in model.modules())
     assert not model.conv1.weight.requires_grad and model.conv2.weight.requires_grad
+
+
+class _Scaled(torch.nn.Module):
+    """A parameter-free first layer: nothing upstream of it carries a graph but the input."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.scale = torch.nn.Identity()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(self.scale(x) * 2.0)
+
+
+@pytest.mark.parametrize("freeze", ["none", "all", "conv1"])
+def test_layer_maps_with_frozen_parameters_match_captum(freeze):
+    # The input joins the graph only when needed; frozen weights (all, or just the first conv) must not
+    # leave a layer without gradients (they would come back as zeros through allow_unused).
+    model = TinyCNN().eval()
+    if freeze == "all":
+        model.requires_grad_(False)
+    elif freeze == "conv1":
+        model.conv1.requires_grad_(False)
+    x, t = _data(size=32)
+    for layer in ("conv1", "conv2"):
+        ref = LayerGradCam(model, model.get_submodule(layer)).attribute(x, target=t, relu_attributions=True)
+        got = explain(model, x, t, method="gradcam", layers=[layer], upsample=False)
+        assert ref.abs().sum() > 0
+        torch.testing.assert_close(got, ref.squeeze(1), rtol=1e-5, atol=1e-7)
+    wrapped = _Scaled(TinyCNN().eval())
+    ref = LayerGradCam(wrapped, wrapped.scale).attribute(x, target=t, relu_attributions=True)
+    got = explain(wrapped, x, t, method="gradcam", layers=["scale"], upsample=False)
+    assert ref.abs().sum() > 0
+    torch.testing.assert_close(got, ref.squeeze(1), rtol=1e-5, atol=1e-7)
+
+
+def test_plain_cam_leaves_the_input_out_of_the_graph():
+    model = TinyCNN().eval()
+    x, t = _data()
+    seen = []
+    h = model.conv1.register_forward_hook(lambda m, i, o: seen.append(i[0].requires_grad))
+    try:
+        explain(model, x, t, method="gradcam", layers=["conv2"])
+        explain(model, x, t, method="saliency")
+    finally:
+        h.remove()
+    assert seen == [False, True]
 
 
 @pytest.mark.parametrize("method", ["gradcam", "saliency", "integrated_gradients"])

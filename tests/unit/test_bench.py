@@ -130,3 +130,12 @@ def test_pass_size_tiny(tmp_path):
     assert {"unit", "plain forwards", "ig ibs=None", "ig ibs=64", "deletion chunk=None",
             "deletion chunk=32"} <= set(rows)
     assert all(_positive_finite(r["units"]) for r in rows.values())
+
+
+def test_measure_alternates_the_order_and_drops_the_warmup():
+    from bench._timing import measure
+
+    calls: list[str] = []
+    out = measure({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=2, warmup=1)
+    assert "".join(calls) == "abccbaabc"
+    assert all(len(v["times_s"]) == 2 and v["median_s"] >= 0 for v in out.values())

@@ -1,0 +1,58 @@
+"""read_split: the manifest's files in order, read with no more footer-reader actors than footer batches."""
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import ingest
+from pipelines import storage as st
+
+
+def _footer_actor_ids() -> set[str]:
+    from ray.util.state import list_actors
+
+    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000,
+                                           raise_on_missing_output=False)}
+
+
+def _write_split(tmp_path, files: int, rows: int) -> tuple[st.Storage, dict]:
+    store = st.Storage(str(tmp_path))
+    names = []
+    for f in range(files):
+        name = f"ingest/train/part-{f:03d}.parquet"
+        os.makedirs(os.path.dirname(store.path(name)), exist_ok=True)
+        idx = np.arange(f * rows, (f + 1) * rows, dtype=np.int64)
+        pq.write_table(pa.table({"idx": idx, "label": (idx * 7) % 5}), store.path(name))
+        names.append(name)
+    return store, {"stage": "ingest", "files": {"train": names}}
+
+
+def test_footer_readers_count_follows_the_files_and_leaves_the_environment_as_it_was(monkeypatch):
+    monkeypatch.delenv(ingest.FOOTER_ACTORS_ENV, raising=False)
+    for files, want in ((1, 1), (3, 1), (10, 1), (11, 2), (95, 10)):
+        with ingest.footer_readers(files) as n:
+            assert n == want and os.environ[ingest.FOOTER_ACTORS_ENV] == str(want)
+        assert ingest.FOOTER_ACTORS_ENV not in os.environ
+    monkeypatch.setenv(ingest.FOOTER_ACTORS_ENV, "5")  # the user's value wins and stays
+    with ingest.footer_readers(3) as n:
+        assert n == 5
+    assert os.environ[ingest.FOOTER_ACTORS_ENV] == "5"
+
+
+@pytest.mark.parametrize("files", [3, 12])
+def test_read_split_starts_one_footer_reader_per_ten_files_and_keeps_file_order(ray_session, tmp_path, files):
+    import ray.data
+
+    if not getattr(ray.data.DataContext.get_current(), "use_datasource_v2", False):
+        pytest.skip("this Ray reads Parquet without footer-reader actors (datasource V2 is off)")
+    store, manifest = _write_split(tmp_path, files, rows=5)
+    before = _footer_actor_ids()
+    rows = ingest.read_split(store, manifest, "train").take_all()
+    started = _footer_actor_ids() - before
+    # Ray 2.60's default is 32 per dataset (RAY_DATA_PARQUET_FOOTER_NUM_ACTORS)
+    assert len(started) == -(-files // 10)
+    assert [r["idx"] for r in rows] == list(range(files * 5))
+    assert [r["label"] for r in rows] == [(i * 7) % 5 for i in range(files * 5)]
