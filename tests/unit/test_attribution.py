@@ -227,7 +227,7 @@ def test_plain_cam_leaves_the_input_out_of_the_graph():
     assert seen == [False, True]
 
 
-@pytest.mark.parametrize("method", ["gradcam", "saliency", "integrated_gradients"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam_pp", "saliency", "integrated_gradients"])
 def test_create_graph_maps_are_differentiable_wrt_params(method):
     model = TinyCNN().eval()
     x, t = _data()
