@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,14 @@ def explain_fn(cfg: Any, method: str, alpha: float, seed: int = 0) -> Any:
     def fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return explain(model, x, target, method=method, **method_options(cfg, method, alpha, seed)).detach()
     return fn
+
+
+def draw_generator(first_idx: int, model_key: str, purpose: str) -> torch.Generator:
+    """The generator of one evaluate batch (named by its first sample), model and purpose ("pgd_8",
+    "deletion_random/gradcam"): a model's drawn columns (PGD start, random deletion order) do not change
+    with the other models or methods evaluated beside it, nor with the order they run in."""
+    words = [int(first_idx), zlib.crc32(model_key.encode()), zlib.crc32(purpose.encode())]
+    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
 
 
 class EvalActor:
@@ -94,14 +103,15 @@ class EvalActor:
         e = self.cfg.evaluate
         t = to_tensors(batch, self.device)
         x, y, mask = t["image"], t["label"].long(), t["mask"].bool()
-        gen = torch.Generator().manual_seed(int(batch["idx"][0]))
+        first = int(batch["idx"][0])
         out: list[dict] = []
         for key, model in self.models.items():
             with torch.no_grad():
                 correct = (model(x).argmax(1) == y).float()
             acc_cols = {"correct": correct}
             for eps in e.pgd_eps:
-                xa = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=e.pgd_steps, generator=gen)
+                xa = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=e.pgd_steps,
+                         generator=draw_generator(first, key, f"pgd_{round(eps * 255)}"))
                 with torch.no_grad():
                     acc_cols[f"robust_acc_{round(eps * 255)}"] = (model(xa).argmax(1) == y).float()
             out.append(self._rows(batch, key, "none", acc_cols))
@@ -109,12 +119,13 @@ class EvalActor:
                 maps = explain_fn(self.cfg, method, self.alpha)(model, x, y)
                 d_auc, d_curve = deletion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
                 i_auc, i_curve = insertion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
+                random_order = draw_generator(first, key, f"deletion_random/{method}")
                 cols = {"pointing_game": pointing_game(maps, mask),
                         "energy_pointing_game": energy_pointing_game(maps, mask),
                         "iou": localisation_iou(maps, mask), "gini": gini(maps),
                         "deletion_auc": d_auc, "insertion_auc": i_auc,
                         "deletion_auc_random": deletion_auc(model, x, maps, y, n_steps=e.deletion_steps,
-                                                            order="random", generator=gen),
+                                                            order="random", generator=random_order),
                         "wsss_miou": wsss_miou(maps, mask), "correct": correct}
                 rows = self._rows(batch, key, method, cols)
                 rows["deletion_curve"] = d_curve.float().cpu().numpy()

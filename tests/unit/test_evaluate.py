@@ -1,0 +1,65 @@
+"""The evaluate stage's actor outside Ray: what a model's rows hold must not depend on its company."""
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines import storage as st
+from pipelines.common import make_model
+from pipelines.config import ROOT, load_config
+from pipelines.evaluate import EvalActor, draw_generator
+from xai_core.data.synthetic import BiasedShapes
+
+
+def _setup(tmp_path, methods):
+    cfg = load_config(ROOT / "configs/smoke.yaml", [f"evaluate.methods=[{', '.join(methods)}]"])
+    store = st.Storage(str(tmp_path))
+    paths = {}
+    for seed, key in enumerate(["erm_s0", "scaat_s0"]):
+        torch.manual_seed(seed)
+        buf = io.BytesIO()
+        torch.save({"model": make_model(cfg).state_dict()}, buf)
+        paths[key] = f"models/{key}.pt"
+        store.write_bytes(buf.getvalue(), "models", f"{key}.pt")
+    arrays = BiasedShapes(n=6, seed=3, split="test", size=cfg.data.size,
+                          num_classes=cfg.data.num_classes).arrays()
+    batch = {"idx": np.arange(10, 16), **{k: arrays[k] for k in ("image", "label", "mask", "group")}}
+    return cfg, store, paths, batch
+
+
+def _rows(cfg, store, paths, batch, keys):
+    actor = EvalActor(cfg.model_dump(mode="json"), store.args(), {k: paths[k] for k in keys}, 0.5, "test")
+    out = actor(batch)
+    return {(m, meth): {c: out[c][(out["model"] == m) & (out["method"] == meth)] for c in out}
+            for m in keys for meth in set(out["method"])}
+
+
+def test_drawn_columns_do_not_depend_on_the_other_models_or_methods(tmp_path):
+    # The PGD start and the random deletion order used to come from one generator per batch, shared by
+    # the models and methods in turn: evaluating scaat_s0 alone gave it other draws than after erm_s0.
+    cfg, store, paths, batch = _setup(tmp_path, ["saliency", "gradcam"])
+    both = _rows(cfg, store, paths, batch, ["erm_s0", "scaat_s0"])
+    alone = _rows(cfg, store, paths, batch, ["scaat_s0"])
+    cfg1, *_ = _setup(tmp_path / "one", ["gradcam"])
+    one_method = _rows(cfg1, store, paths, batch, ["scaat_s0"])
+    for cols in ("robust_acc_2", "robust_acc_8"):
+        np.testing.assert_array_equal(both[("scaat_s0", "none")][cols], alone[("scaat_s0", "none")][cols])
+    for ref in (alone, one_method):
+        np.testing.assert_array_equal(both[("scaat_s0", "gradcam")]["deletion_auc_random"],
+                                      ref[("scaat_s0", "gradcam")]["deletion_auc_random"])
+    # ... and they are drawn: another batch (first sample) or another method gets another order
+    other = _rows(cfg, store, paths, {**batch, "idx": batch["idx"] + 100}, ["scaat_s0"])
+    a = both[("scaat_s0", "gradcam")]["deletion_auc_random"]
+    assert not np.array_equal(a, other[("scaat_s0", "gradcam")]["deletion_auc_random"])
+    assert not np.array_equal(a, both[("scaat_s0", "saliency")]["deletion_auc_random"])
+
+
+@pytest.mark.parametrize("args", [(0, "erm_s0", "pgd_2"), (10, "scaat_s0", "deletion_random/gradcam")])
+def test_draw_generator_is_a_pure_function_of_batch_model_and_purpose(args):
+    first, key, purpose = args
+    a = torch.rand(5, generator=draw_generator(*args))
+    assert torch.equal(a, torch.rand(5, generator=draw_generator(*args)))
+    for changed in [(first + 1, key, purpose), (first, key + "x", purpose), (first, key, purpose + "x")]:
+        assert not torch.equal(a, torch.rand(5, generator=draw_generator(*changed)))
