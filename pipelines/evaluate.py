@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import zlib
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 from pipelines import ingest
 from pipelines import storage as st
 from pipelines.common import pool_map
+from xai_core._tensor import seeded_generator
 
 log = logging.getLogger("xai.evaluate")
 STAGE = "evaluate"
@@ -52,8 +52,7 @@ def draw_generator(first_idx: int, model_key: str, purpose: str) -> torch.Genera
     """The generator of one evaluate batch (named by its first sample), model and purpose ("pgd_8",
     "deletion_random/gradcam"): a model's drawn columns (PGD start, random deletion order) do not change
     with the other models or methods evaluated beside it, nor with the order they run in."""
-    words = [int(first_idx), zlib.crc32(model_key.encode()), zlib.crc32(purpose.encode())]
-    return torch.Generator().manual_seed(int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]))
+    return seeded_generator(first_idx, model_key, purpose)
 
 
 class EvalActor:

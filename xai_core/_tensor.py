@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -9,6 +11,14 @@ import torch.nn.functional as F
 # A map whose range is below this fraction of its largest magnitude is "flat": norm01 gives zeros.
 # METHODS §2: floating-point noise of a flat map scaled to full range polluted most fused maps.
 FLAT_RTOL = 1e-5
+
+
+def seeded_generator(*words: int | str) -> torch.Generator:
+    """A CPU generator seeded by a sequence of ints and names (a name enters as its CRC-32), mixed by
+    numpy's SeedSequence: a seed per (split), (batch, model, purpose), ... with no collisions by addition."""
+    ints = [zlib.crc32(w.encode()) if isinstance(w, str) else int(w) for w in words]
+    state = np.random.SeedSequence(ints).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
 def norm01(maps: torch.Tensor, rtol: float = FLAT_RTOL) -> torch.Tensor:

@@ -1,13 +1,11 @@
 """The evaluate stage's actor outside Ray: what a model's rows hold must not depend on its company."""
 
-import io
-
 import numpy as np
 import pytest
 import torch
 
 from pipelines import storage as st
-from pipelines.common import make_model
+from pipelines.common import make_model, state_bytes
 from pipelines.config import ROOT, load_config
 from pipelines.evaluate import EvalActor, draw_generator
 from xai_core.data.synthetic import BiasedShapes
@@ -23,10 +21,8 @@ def _setup(tmp_path, methods):
     paths = {}
     for seed, key in enumerate(["erm_s0", "scaat_s0"]):
         torch.manual_seed(seed)
-        buf = io.BytesIO()
-        torch.save({"model": make_model(cfg).state_dict()}, buf)
         paths[key] = f"models/{key}.pt"
-        store.write_bytes(buf.getvalue(), "models", f"{key}.pt")
+        store.write_bytes(state_bytes({"model": make_model(cfg).state_dict()}), "models", f"{key}.pt")
     arrays = BiasedShapes(n=6, seed=3, split="test", size=cfg.data.size,
                           num_classes=cfg.data.num_classes).arrays()
     batch = {"idx": np.arange(10, 16), **{k: arrays[k] for k in ("image", "label", "mask", "group")}}

@@ -16,10 +16,11 @@ images instead of learning the shapes, so use >= 8000 train images when debiasin
 from __future__ import annotations
 
 import math
-import zlib
 
 import numpy as np
 import torch
+
+from xai_core._tensor import seeded_generator
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 TEXTURES = ("stripes", "checks", "dots", "waves", "noise", "gradient")
@@ -67,8 +68,7 @@ class BiasedShapes(torch.utils.data.Dataset):
     def _generate(self) -> None:
         n, s, k = self.n, self.size, self.num_classes
         # Mix the split into the seed so that train/test/dwsol with one seed never share images.
-        state = np.random.SeedSequence([self.seed, zlib.crc32(self.split.encode())]).generate_state(2)
-        g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+        g = seeded_generator(self.seed, self.split)
         # Per-sample parameters, drawn in a fixed order for all N at once.
         labels = (torch.arange(n) % k)[torch.randperm(n, generator=g)]  # classes balanced to +-1
         aligned = torch.rand(n, generator=g) < self.bias
