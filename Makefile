@@ -23,6 +23,7 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e '.[test,bench]'
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q -m bench tests/unit/test_bench.py
 	$(BIN)/python -m bench.attribution
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.stages

@@ -50,6 +50,32 @@ def progress(message: str) -> None:
     print(message, file=(sys.__stdout__ or sys.stdout) if patched else sys.stdout, flush=True)
 
 
+PAUSE_DIR_ENV = "XAI_PAUSE_DIR"
+
+
+def pause_point(name: str, timeout_s: float = 600.0) -> None:
+    """A fault-test hook: where ``$XAI_PAUSE_DIR/<name>`` exists, write this process's PID to
+    ``<name>.reached`` and wait until the file ``<name>`` is gone (at most ``timeout_s``).
+
+    The fault tests kill a training worker, an actor or the driver at a named point (after a checkpointed
+    epoch, inside a batch) instead of racing a timer against the work. Unset, as everywhere outside the
+    tests, it costs one environment lookup. Names: ``train-<mode>-s<seed>-epoch<global epoch>`` (rank 0,
+    after the epoch's checkpoint is reported and logged), ``precompute-batch<first idx>``,
+    ``evaluate-<split>-batch<first idx>`` (before the batch's work)."""
+    folder = os.environ.get(PAUSE_DIR_ENV)
+    if not folder or not os.path.exists(gate := os.path.join(folder, name)):
+        return
+    import time
+
+    reached = os.path.join(folder, name + ".reached")
+    with open(reached + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(reached + ".tmp", reached)  # whole or absent: the test reads the PID from it
+    deadline = time.monotonic() + timeout_s
+    while os.path.exists(gate) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 ACTOR_RESTARTS = 3  # per actor of a pool stage, and retries per batch: a killed actor restarts, its batch reruns
 
 
@@ -180,3 +206,24 @@ def set_threads(n: int, workers_per_node: int = 1) -> int:
         n = max(1, (os.cpu_count() or 1) // max(1, workers_per_node))
     torch.set_num_threads(n)
     return n
+
+
+def model_key(mode: str, seed: int) -> str:
+    return f"{mode}_s{seed}"
+
+
+# Settings that change how a model is trained but not what it learns: a model is not retrained for them.
+_RUNTIME_KEYS = {"modes", "seeds", "max_failures", "placement", "threads_per_worker", "cache_shard_mb"}
+
+
+def model_hash(cfg: Any, mode: str, seed: int) -> str:
+    """What one (mode, seed) model depends on: data, model, the training settings and its mode's own
+    section (consistency starts from the ERM warm-up, whose inputs are the same). Changing a SCAAT knob
+    retrains only the SCAAT models; adding a seed trains only the new ones."""
+    from pipelines.config import digest
+
+    payload = {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
+               "train": cfg.train.model_dump(mode="json", exclude=_RUNTIME_KEYS), "mode": mode, "seed": seed}
+    if mode in ("consistency", "scaat"):
+        payload[mode] = getattr(cfg, mode).model_dump(mode="json")
+    return digest(payload)

@@ -71,6 +71,9 @@ class EvalActor:
         self.alpha, self.split = alpha, split
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from pipelines.common import pause_point
+
+        pause_point(f"evaluate-{self.split}-batch{int(batch['idx'][0])}")
         t0 = time.perf_counter()
         with torch.enable_grad():
             out = self._dwsol(batch) if self.split == "dwsol" else self._test(batch)

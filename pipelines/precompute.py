@@ -15,7 +15,7 @@ import torch
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import pool_map
+from pipelines.common import model_hash, pool_map
 
 log = logging.getLogger("xai.precompute")
 STAGE = "precompute"
@@ -35,9 +35,10 @@ class ConsistencyActor:
         self.model = load_model(self.cfg, store.read_bytes(ckpt_path), ckpt_path).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from pipelines.common import to_tensors
+        from pipelines.common import pause_point, to_tensors
         from xai_core.objectives import explanation_consistency
 
+        pause_point(f"precompute-batch{int(batch['idx'][0])}")
         c = self.cfg.consistency
         t = to_tensors(batch, self.device)
         # Seeded by the batch's first sample: a retried batch gives the same bytes (exactly-once output).
@@ -60,8 +61,6 @@ class ConsistencyActor:
 
 
 def config_hash(cfg: Any, seed: int, rnd: int) -> str:
-    from pipelines.train import model_hash
-
     return model_hash(cfg, "consistency", seed) + f"-r{rnd}"
 
 

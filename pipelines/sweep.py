@@ -1,24 +1,19 @@
 """Stage sweep: Ray Tune over TIF's alpha (METHODS §2), objective = localisation on the validation split;
 optionally over training knobs (each trial a TorchTrainer under Tune, ASHA stops poor trials early).
 
-Runs inside full.py, or on its own against a finished run's outputs:
-    python pipelines/sweep.py --config configs/quick.yaml --alphas 0 0.25 0.5 0.75
+Runs inside full.py, or on its own against a finished run's outputs (the entry point drives it; this stage
+never imports the entry point):
+    python pipelines/full.py --config configs/quick.yaml --only sweep --alphas 0 0.25 0.5 0.75
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from pathlib import Path
 from typing import Any
 
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines import ingest  # noqa: E402
-from pipelines import storage as st  # noqa: E402
-from pipelines.common import ingest_config  # noqa: E402
+from pipelines import ingest
+from pipelines import storage as st
+from pipelines.common import ingest_config
 
 log = logging.getLogger("xai.sweep")
 STAGE = "sweep"
@@ -61,7 +56,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     """Sweep alpha for TIF and for the thresholded Grad-CAM control; returns (manifest, did_work)."""
     import ray.tune
 
-    from pipelines.train import model_key
+    from pipelines.common import model_key
 
     h = config_hash(cfg) + ("" if alphas is None else "-" + "_".join(f"{a:g}" for a in alphas))
     if not force and (m := st.committed(store, STAGE, h)):
@@ -242,19 +237,3 @@ def _release_trial_placement_groups(before: set[str], wait_s: float = 30.0) -> l
         log.warning("sweep: placement group %s of a finished trial is still held; removing it", pg_id)
         remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
     return sorted(left)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from pipelines import full
-
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/quick.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--alphas", type=float, nargs="+", help="alphas to try (default: sweep.alphas)")
-    args = p.parse_args(argv)
-    return full.main(["--config", args.config, *sum((["--set", s] for s in args.set), []),
-                      "--only", "sweep", *(["--alphas", *map(str, args.alphas)] if args.alphas else [])])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

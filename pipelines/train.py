@@ -23,6 +23,9 @@ from pipelines.common import (
     ingest_config,
     load_state,
     make_model,
+    model_hash,
+    model_key,
+    pause_point,
     pick_device,
     progress,
     set_threads,
@@ -37,23 +40,6 @@ STATE_FILE = "state.pt"
 
 def config_hash(cfg: Any) -> str:
     return cfg.section_hash("data", "model", "train", "consistency", "scaat")
-
-
-# Settings that change how a model is trained but not what it learns: a model is not retrained for them.
-_RUNTIME_KEYS = {"modes", "seeds", "max_failures", "placement", "threads_per_worker", "cache_shard_mb"}
-
-
-def model_hash(cfg: Any, mode: str, seed: int) -> str:
-    """What one (mode, seed) model depends on: data, model, the training settings and its mode's own
-    section (consistency starts from the ERM warm-up, whose inputs are the same). Changing a SCAAT knob
-    retrains only the SCAAT models; adding a seed trains only the new ones."""
-    from pipelines.config import digest
-
-    payload = {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-               "train": cfg.train.model_dump(mode="json", exclude=_RUNTIME_KEYS), "mode": mode, "seed": seed}
-    if mode in ("consistency", "scaat"):
-        payload[mode] = getattr(cfg, mode).model_dump(mode="json")
-    return digest(payload)
 
 
 def warmup_epochs(cfg: Any) -> int:
@@ -182,6 +168,8 @@ def train_loop(lc: dict) -> None:
         if tracker is not None and step > logged:
             tracker.log_metrics(lc["run_id"], metrics, step=step)
             logged = step
+        if rank == 0:
+            pause_point(f"train-{lc['mode']}-s{lc['seed']}-epoch{step}")
 
 
 class ShardCache:
@@ -306,10 +294,6 @@ def _cluster_has_gpu() -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) > 0
-
-
-def model_key(mode: str, seed: int) -> str:
-    return f"{mode}_s{seed}"
 
 
 def _model_done(store: st.Storage, key: str, h: str) -> bool:

@@ -4,6 +4,7 @@ import logging
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[2]
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
 S3_TEST_BUCKET = "xai-test-bucket"
+# The pause points of the session's Ray workers and actors (pipelines.common.pause_point): a folder of this
+# test session's, given to every worker through the runtime_env as the S3 credentials are.
+PAUSE_DIR = Path(tempfile.gettempdir()) / f"xai-pauses-{os.getpid()}"
 
 
 def free_port() -> int:
@@ -27,14 +31,29 @@ def free_port() -> int:
 def ray_session():
     import ray
 
+    from pipelines.common import PAUSE_DIR_ENV
+
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
     if not ray.is_initialized():
         # address="local": a new instance even if `ray start` left /tmp/ray/ray_current_cluster behind
         # the dashboard serves the state API Ray Train's placement-group cleaner needs (see full.init_ray)
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **S3_TEST_ENV}})
+                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **S3_TEST_ENV,
+                                           PAUSE_DIR_ENV: str(PAUSE_DIR)}})
     yield ray
     ray.shutdown()
+    shutil.rmtree(PAUSE_DIR, ignore_errors=True)
+
+
+@pytest.fixture
+def pauses(ray_session):
+    """The session Ray's pause points, none armed before and after the test."""
+    from tests._pause import Pauses
+
+    p = Pauses(PAUSE_DIR)
+    p.clear()
+    yield p
+    p.clear()
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +69,19 @@ def smoke_run(ray_session, tmp_path_factory):
     assert rc == 0
     yield {"base": base, "db": db, "args": args, "store": base / "runs" / "smoke"}
     shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def smoke_copy(smoke_run, tmp_path):
+    """A copy of the shared smoke run's store and MLflow database, for tests that run more stages on it:
+    the shared run itself stays as it was, so no test depends on the order the others ran in."""
+    base = tmp_path / "smoke-copy"
+    shutil.copytree(smoke_run["base"] / "runs", base / "runs")
+    shutil.copy2(smoke_run["base"] / "mlflow.db", base / "mlflow.db")
+    db = f"sqlite:///{base / 'mlflow.db'}"
+    args = ["--config", str(ROOT / "configs/smoke.yaml"), "--set", f"storage.uri={base / 'runs'}",
+            "--set", f"tracking.uri={db}"]
+    return {"base": base, "db": db, "args": args, "store": base / "runs" / "smoke"}
 
 
 @pytest.fixture(scope="session")

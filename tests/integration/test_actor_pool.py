@@ -11,14 +11,21 @@ def _pid_actor() -> type:
     """Defined in a function so that Ray pickles the class by value (workers cannot import test modules)."""
 
     class _PidActor:
-        """Records which actor process ran each row, the batch it was in (its first id) and the batch size;
-        ``delay`` seconds per batch, so that a second block queued on the first ready actor would wait."""
+        """Records which actor process ran each row, the batch it was in (its first id) and the batch size.
+        With ``rendezvous`` (a folder and a count) a batch waits until that many actor processes have a batch
+        in hand: two blocks queued on the first ready actor would then never meet (the wait's deadline only
+        bounds that hang, and the test fails on the PIDs)."""
 
-        def __init__(self, threads: int, delay: float) -> None:
-            self.threads, self.delay = threads, delay
+        def __init__(self, threads: int, rendezvous: tuple[str, int] | None = None) -> None:
+            self.threads, self.rendezvous = threads, rendezvous
 
         def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            time.sleep(self.delay)
+            if self.rendezvous:
+                folder, count = self.rendezvous
+                open(os.path.join(folder, str(os.getpid())), "w").close()
+                deadline = time.monotonic() + 60
+                while len(os.listdir(folder)) < count and time.monotonic() < deadline:
+                    time.sleep(0.05)
             n = len(batch["id"])
             return {"id": batch["id"], "pid": np.full(n, os.getpid()), "batch_rows": np.full(n, n),
                     "batch_first": np.full(n, int(batch["id"][0])), "threads": np.full(n, self.threads)}
@@ -26,7 +33,8 @@ def _pid_actor() -> type:
     return _PidActor
 
 
-def _run(rows: int, batch_size: int, actors: int, delay: float, src: object = None) -> list[dict]:
+def _run(rows: int, batch_size: int, actors: int, rendezvous: tuple[str, int] | None = None,
+         src: object = None) -> list[dict]:
     import ray.data
 
     from pipelines.common import pool_map, resource_plan
@@ -36,7 +44,7 @@ def _run(rows: int, batch_size: int, actors: int, delay: float, src: object = No
         src = ray.data.from_items([{"id": i} for i in range(rows)], override_num_blocks=1)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        ds = pool_map(src, _pid_actor(), {"delay": delay}, rows=rows, plan=plan, batch_size=batch_size)
+        ds = pool_map(src, _pid_actor(), {"rendezvous": rendezvous}, rows=rows, plan=plan, batch_size=batch_size)
     assert not [w for w in caught if "ray_remote_args" in str(w.message)]  # bounded restarts, no warning
     out = ds.take_all()
     assert sorted(int(r["id"]) for r in out) == list(range(rows))  # every row exactly once
@@ -44,8 +52,8 @@ def _run(rows: int, batch_size: int, actors: int, delay: float, src: object = No
     return out
 
 
-def test_pool_map_one_block_per_batch_spread_over_the_actors(ray_session):
-    out = _run(rows=10, batch_size=5, actors=2, delay=4.0)
+def test_pool_map_one_block_per_batch_spread_over_the_actors(ray_session, tmp_path):
+    out = _run(rows=10, batch_size=5, actors=2, rendezvous=(str(tmp_path), 2))
     assert sorted({(int(r["batch_first"]), int(r["batch_rows"])) for r in out}) == [(0, 5), (5, 5)]
     assert len({int(r["pid"]) for r in out}) == 2  # both actors worked, one batch each
 
@@ -54,7 +62,7 @@ def test_pool_map_batches_do_not_depend_on_the_number_of_actors(ray_session):
     # 23 rows, batch 5: ceil(23/5) = 5 contiguous blocks of 4 or 5 rows (Ray's equal split), whatever the pool size
     layouts = []
     for actors in (1, 3):
-        out = _run(rows=23, batch_size=5, actors=actors, delay=0.0)
+        out = _run(rows=23, batch_size=5, actors=actors)
         layouts.append({int(r["id"]): int(r["batch_first"]) for r in out})
     assert layouts[0] == layouts[1]
     batches: dict[int, list[int]] = {}
@@ -92,7 +100,7 @@ def _batch_layout(ordered: bool, marker: str) -> dict[int, int]:
     if ordered:
         src = in_order(src)
     src = src.map_batches(_first_block_last(marker), batch_size=None)  # two tasks, one per block
-    out = _run(rows=12, batch_size=4, actors=1, delay=0.0, src=src)
+    out = _run(rows=12, batch_size=4, actors=1, src=src)
     return {int(r["id"]): int(r["batch_first"]) for r in out}
 
 

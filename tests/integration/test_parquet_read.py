@@ -12,10 +12,12 @@ from pipelines import storage as st
 
 
 def _footer_actor_ids() -> set[str]:
+    import ray
     from ray.util.state import list_actors
 
-    return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=10_000,
-                                           raise_on_missing_output=False)}
+    gcs = ray.get_runtime_context().gcs_address  # this session's Ray: another may run on the machine
+    return {a.actor_id for a in list_actors(address=gcs, filters=[("class_name", "=", "FooterReader")],
+                                           limit=10_000, raise_on_missing_output=False)}
 
 
 def _write_split(tmp_path, files: int, rows: int) -> tuple[st.Storage, dict]:

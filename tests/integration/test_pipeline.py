@@ -101,39 +101,182 @@ def test_mlflow_holds_parent_nested_runs_metrics_images_and_models(smoke_run):
     versions = client.search_model_versions("name='smoke-erm_s0'")
     assert versions
 
+# --------------------------------------------------------- values recomputed outside the pipeline
+def _split(store, split: str) -> dict[str, np.ndarray]:
+    """An ingested split in file order, read with pyarrow alone (not through the pipeline's readers)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401 - registers the tensor extension type
 
-def test_rerun_does_no_work_and_says_so(smoke_run, capsys):
-    from pipelines import full
+    manifest = json.loads((store / "ingest" / "_manifest.json").read_text())
+    table = pa.concat_tables([pq.read_table(store / f) for f in manifest["files"][split]])
+    out = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        out[name] = col.to_numpy() if hasattr(col.type, "shape") else col.to_numpy(zero_copy_only=False)
+    return out
 
-    before = (smoke_run["store"] / "evaluate" / "_manifest.json").read_text()
-    assert full.main(smoke_run["args"]) == 0
-    out = capsys.readouterr().out
-    assert "Nothing to do" in out
-    assert (smoke_run["store"] / "evaluate" / "_manifest.json").read_text() == before
+
+def _model(store, key: str) -> torch.nn.Module:
+    from pipelines.config import ROOT, load_config
+    from xai_core.models import build_model
+
+    cfg = load_config(ROOT / "configs/smoke.yaml")
+    model = build_model(cfg.model.arch, cfg.data.num_classes, width=cfg.model.width)
+    model.load_state_dict(torch.load(store / "train" / key / "model.pt", weights_only=True)["model"])
+    return model.eval()
+
+
+def _evaluate_rows(store, split: str = "test") -> "object":
+    import pandas as pd
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401
+
+    manifest = json.loads((store / "evaluate" / "_manifest.json").read_text())
+    return pd.concat([pq.read_table(store / f).to_pandas() for f in manifest["files"][split]], ignore_index=True)
+
+
+def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke_run):
+    """For 6 test images, every model's accuracy row and the metric rows of three methods, recomputed from
+    the committed weights and the ingested images with xai_core alone: the true class explained (the images
+    include misclassified ones), TIF at the sweep's alpha, each column where its name says."""
+    from pipelines.config import ROOT, load_config
+    from xai_core.attribution import explain
+    from xai_core.metrics import (
+        deletion_auc,
+        energy_pointing_game,
+        gini,
+        insertion_auc,
+        localisation_iou,
+        pointing_game,
+    )
+
+    cfg = load_config(ROOT / "configs/smoke.yaml")
+    store = smoke_run["store"]
+    manifest = json.loads((store / "evaluate" / "_manifest.json").read_text())
+    best = json.loads((store / "sweep" / "results.json").read_text())["best_alpha"]
+    assert manifest["alpha"] == best  # evaluate ran TIF at the sweep's pick
+    df = _evaluate_rows(store)
+    data = _split(store, "test")
+    evaluated = np.sort(df.idx.unique())
+    assert np.array_equal(evaluated, np.sort(data["idx"][: cfg.evaluate.n_test]))  # the first n_test in file order
+    pick = np.flatnonzero(np.isin(data["idx"], evaluated))[:6]
+    idx = data["idx"][pick]
+    x = torch.from_numpy(data["image"][pick].astype(np.float32) / 255)
+    y = torch.from_numpy(data["label"][pick]).long()
+    mask = torch.from_numpy(data["mask"][pick]).bool()
+    n = cfg.evaluate.deletion_steps
+    other_alpha = next(a for a in cfg.sweep.alphas if a != best)
+    checks = {"erm_s0": {"gradcam": {}, "tif": {"base": cfg.evaluate.tif_base, "alpha": best}},
+              "consistency_s0": {"gradcam": {}}, "scaat_s0": {"saliency": {}}}
+    misclassified = 0
+    for key, methods in checks.items():
+        model = _model(store, key)
+        with torch.no_grad():
+            pred = model(x).argmax(1)
+        misclassified += int((pred != y).sum())
+        acc = df[(df.model == key) & (df.method == "none")].set_index("idx").loc[idx]
+        np.testing.assert_array_equal(acc.correct.to_numpy(), (pred == y).float().numpy())
+        for method, opts in methods.items():
+            maps = explain(model, x, y, method=method, **opts).detach()
+            expect = {"pointing_game": pointing_game(maps, mask),
+                      "energy_pointing_game": energy_pointing_game(maps, mask),
+                      "iou": localisation_iou(maps, mask), "gini": gini(maps),
+                      "deletion_auc": deletion_auc(model, x, maps, y, n_steps=n),
+                      "insertion_auc": insertion_auc(model, x, maps, y, n_steps=n)}
+            rows = df[(df.model == key) & (df.method == method)].set_index("idx").loc[idx]
+            for col, v in expect.items():
+                np.testing.assert_allclose(rows[col].to_numpy(), v.numpy(), rtol=1e-5, atol=1e-6,
+                                           err_msg=f"{key} {method} {col}")
+            if method == "tif":  # the check can tell the alphas apart on these images
+                wrong = explain(model, x, y, method="tif", base=cfg.evaluate.tif_base, alpha=other_alpha).detach()
+                assert not np.allclose(gini(wrong).numpy(), rows.gini.to_numpy(), atol=1e-4)
+    assert misclassified > 0  # explaining the predicted class instead of the true one would fail above
+
+
+def test_sweep_rows_recomputed_and_the_best_alpha_is_their_argmax(smoke_run):
+    from pipelines.config import ROOT, load_config
+    from xai_core.attribution import explain
+    from xai_core.metrics import energy_pointing_game, gini, localisation_iou
+
+    cfg = load_config(ROOT / "configs/smoke.yaml")
+    store = smoke_run["store"]
+    res = json.loads((store / "sweep" / "results.json").read_text())
+    data = _split(store, "val")
+    x = torch.from_numpy(data["image"][: cfg.sweep.n_val].astype(np.float32) / 255)
+    y = torch.from_numpy(data["label"][: cfg.sweep.n_val]).long()
+    mask = torch.from_numpy(data["mask"][: cfg.sweep.n_val]).bool()
+    model = _model(store, f"{cfg.sweep.model}_s0")
+    assert {(r["method"], r["alpha"]) for r in res["rows"]} == {
+        (m, a) for m in ("tif", "gradcam_thresholded") for a in cfg.sweep.alphas}
+    for r in res["rows"]:
+        opts = {"alpha": r["alpha"], **({"base": cfg.evaluate.tif_base} if r["method"] == "tif" else {})}
+        maps = explain(model, x, y, method=r["method"], **opts).detach()
+        for col, v in {"iou": localisation_iou(maps, mask), "energy_pointing_game": energy_pointing_game(maps, mask),
+                       "gini": gini(maps)}.items():
+            assert r[col] == pytest.approx(float(torch.nansum(v)) / len(y), abs=1e-5), (r, col)
+    tif = sorted((r for r in res["rows"] if r["method"] == "tif"), key=lambda r: r["alpha"])
+    assert res["best_alpha"] == max(tif, key=lambda r: r[cfg.sweep.metric])["alpha"]
+
+
+def test_logged_mlflow_model_computes_what_the_checkpoint_computes(smoke_run):
+    import mlflow
+
     client = _client(smoke_run["db"])
     exp = client.get_experiment_by_name("xai-ray-smoke")
-    parents = [r for r in client.search_runs([exp.experiment_id], max_results=500)
-               if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 1  # the same parent run, not a second one
+    (erm,) = client.search_runs([exp.experiment_id], filter_string="tags.`xai.model` = 'erm_s0'")
+    mlflow.set_tracking_uri(smoke_run["db"])
+    logged = mlflow.pytorch.load_model(f"runs:/{erm.info.run_id}/model")  # an exported program: no .eval()
+    data = _split(smoke_run["store"], "test")
+    x = torch.from_numpy(data["image"][:8].astype(np.float32) / 255)
+    with torch.no_grad():
+        torch.testing.assert_close(logged(x), _model(smoke_run["store"], "erm_s0")(x), rtol=0, atol=0)
 
 
-def test_sweep_runs_alone_against_a_finished_run(smoke_run):
-    from pipelines import sweep
+def test_results_md_cells_are_the_means_of_the_evaluate_rows(smoke_run):
+    df = _evaluate_rows(smoke_run["store"])
+    text = (smoke_run["store"] / "report" / "RESULTS.md").read_text()
+    for method in ("gradcam", "tif", "saliency"):
+        r = df[(df.model == "erm_s0") & (df.method == method)]
+        cells = " | ".join(f"{r[c].mean():.3f}" for c in ("iou", "energy_pointing_game", "pointing_game",
+                                                           "deletion_auc", "deletion_auc_random", "wsss_miou", "gini"))
+        assert f"| {method} | {cells} |" in text, method
+    acc = df[(df.method == "none") & (df["mode"] == "scaat")]
+    row = f"| scaat | {acc[acc.group == 0].correct.mean():.3f} | {acc[acc.group == 1].correct.mean():.3f} |"
+    assert row in text
 
-    assert sweep.main(["--config", smoke_run["args"][1], *smoke_run["args"][2:], "--alphas", "0.25"]) == 0
-    res = json.loads((smoke_run["store"] / "sweep" / "results.json").read_text())
+
+def test_rerun_does_no_work_and_says_so(smoke_copy, capsys):
+    """Twice on a copy of the finished run: no stage runs, no stored byte changes, one parent run. (The copy
+    has another storage.uri, part of the parent run's config hash: its first rerun opens the copy's parent.)"""
+    from pipelines import full
+
+    client = _client(smoke_copy["db"])
+    exp = client.get_experiment_by_name("xai-ray-smoke")
+
+    def parents() -> list:
+        return [r for r in client.search_runs([exp.experiment_id], max_results=500)
+                if "mlflow.parentRunId" not in r.data.tags]
+
+    before = {p: p.read_bytes() for p in smoke_copy["store"].rglob("*") if p.is_file()}
+    for _ in range(2):
+        assert full.main(smoke_copy["args"]) == 0
+        assert "Nothing to do" in capsys.readouterr().out
+        assert {p: p.read_bytes() for p in smoke_copy["store"].rglob("*") if p.is_file()} == before
+        if _ == 0:
+            first = {r.info.run_id for r in parents()}
+    assert {r.info.run_id for r in parents()} == first and len(first) == 2  # the shared run's and the copy's
+
+
+def test_sweep_runs_alone_against_a_finished_run(smoke_copy):
+    from pipelines import full
+
+    assert full.main([*smoke_copy["args"], "--only", "sweep", "--alphas", "0.25"]) == 0
+    res = json.loads((smoke_copy["store"] / "sweep" / "results.json").read_text())
     assert {r["alpha"] for r in res["rows"]} == {0.25} and res["best_alpha"] == 0.25
 
 
-def test_bad_config_fails_before_ray_starts(capsys):
-    from pipelines import full
-
-    assert full.main(["--config", "configs/smoke.yaml", "--set", "train.epochz=1"]) == 2
-    assert "train.epochz: unknown key" in capsys.readouterr().err
-
-
-
-def test_training_knob_sweep_with_asha(smoke_run):
+def test_training_knob_sweep_with_asha(smoke_copy):
     """Each trial trains through a TorchTrainer under Tune; ASHA may stop trials early; each is a nested run;
     afterwards every trial's worker placement group is gone (the next Ray Data stage gets its CPUs back)."""
     import ray
@@ -141,17 +284,17 @@ def test_training_knob_sweep_with_asha(smoke_run):
 
     from pipelines import full
 
-    args = smoke_run["args"] + ["--only", "sweep", "--force", "sweep", "--set", "sweep.train_mode=scaat",
+    args = smoke_copy["args"] + ["--only", "sweep", "--force", "sweep", "--set", "sweep.train_mode=scaat",
                                 "--set", "sweep.train_space={scaat.keep: [0.3, 0.6]}", "--set", "sweep.train_trials=2",
                                 "--set", "sweep.train_epochs=2", "--set", "sweep.alphas=[0.5]"]
     assert full.main(args) == 0
-    res = json.loads((smoke_run["store"] / "sweep" / "train_sweep.json").read_text())
+    res = json.loads((smoke_copy["store"] / "sweep" / "train_sweep.json").read_text())
     assert len(res["trials"]) == 2 and res["best"]["scaat.keep"] in (0.3, 0.6)
     assert all(1 <= t["epoch"] <= 2 and 0 <= t["val_acc"] <= 1 for t in res["trials"])
-    manifest = json.loads((smoke_run["store"] / "sweep" / "_manifest.json").read_text())
+    manifest = json.loads((smoke_copy["store"] / "sweep" / "_manifest.json").read_text())
     assert "train_sweep" in manifest["files"]
-    runs = _client(smoke_run["db"]).search_runs(
-        [_client(smoke_run["db"]).get_experiment_by_name("xai-ray-smoke").experiment_id],
+    runs = _client(smoke_copy["db"]).search_runs(
+        [_client(smoke_copy["db"]).get_experiment_by_name("xai-ray-smoke").experiment_id],
         filter_string="tags.`xai.stage` = 'sweep'", max_results=100)
     assert any(r.info.run_name.startswith("sweep/train/scaat.keep=") for r in runs)
     live = [k for k, v in ray._private.state.state.placement_group_table().items() if v["state"] != "REMOVED"]

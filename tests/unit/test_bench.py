@@ -1,7 +1,9 @@
 """The benchmark scripts stay runnable: each main runs once with --tiny (seconds) and writes sane JSON.
 
-Timings are never asserted (DESIGN: tests never assert timings); only that every row is there and
-every number is positive and finite.
+Timings are never asserted (DESIGN: tests never assert timings). The runs that can only show that every row
+is there and every number is positive and finite are marked ``bench``: `make bench` runs them before the full
+sizes, `make test` leaves them out. What `make test` keeps checks values: the Quantus agreement of bench.metrics,
+the pass counts of bench.passes, and the timing helper's call order.
 """
 
 import json
@@ -14,9 +16,8 @@ def _positive_finite(v):
     return isinstance(v, float) and math.isfinite(v) and v > 0
 
 
+@pytest.mark.bench
 def test_attribution_tiny(tmp_path):
-    pytest.importorskip("captum")  # in [test] and [bench]
-    pytest.importorskip("pytorch_grad_cam")
     from bench import attribution
 
     attribution.main(["--tiny", "--out-dir", str(tmp_path)])
@@ -38,9 +39,6 @@ def test_attribution_tiny(tmp_path):
 
 
 def test_metrics_tiny(tmp_path):
-    pytest.importorskip("captum")
-    pytest.importorskip("pytorch_grad_cam")
-    pytest.importorskip("quantus")  # in the [bench] extra, not in [test]
     from bench import metrics
 
     metrics.main(["--tiny", "--out-dir", str(tmp_path)])
@@ -56,6 +54,7 @@ def test_metrics_tiny(tmp_path):
     assert by["model_randomisation"]["max_abs_diff"] < 1e-5
 
 
+@pytest.mark.bench
 def test_stages_tiny(tmp_path):
     """The precompute actor pools and the plain loop; a Ray instance already up is reused and left up."""
     import ray
@@ -91,6 +90,7 @@ def test_stages_tiny(tmp_path):
         assert _positive_finite(ratio["value"]) and isinstance(ratio["met"], bool)
 
 
+@pytest.mark.bench
 def test_training_tiny(tmp_path):
     from bench import training
 
@@ -102,7 +102,6 @@ def test_training_tiny(tmp_path):
         assert _positive_finite(r["seconds"]) and _positive_finite(r["images_per_s"])
         assert _positive_finite(r["over_erm"]) and _positive_finite(r["peak_rss_mib"])
     assert rows["erm"]["over_erm"] == 1.0
-    assert rows["consistency"]["seconds"] > rows["consistency_epoch_only"]["seconds"]  # includes the precompute
     assert isinstance(rows["consistency"]["met"], bool) and isinstance(rows["scaat"]["met"], bool)
     assert set(data["children"]) == {"erm", "consistency", "scaat"}
     for child in data["children"].values():
@@ -123,6 +122,7 @@ def test_passes_tiny_counts_the_algorithms_passes(tmp_path):
     assert data["counts_match_algorithm"] and all(_positive_finite(r["x_erm_step"]) for r in rows.values())
 
 
+@pytest.mark.bench
 def test_pass_size_tiny(tmp_path):
     from bench import pass_size
 

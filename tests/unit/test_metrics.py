@@ -254,7 +254,7 @@ def test_wsss_miou_hand():
 
 
 def test_connected_components_match_scipy():
-    ndimage = pytest.importorskip("scipy.ndimage")
+    from scipy import ndimage  # [test] extra: never skipped
     fg = seeded(lambda: torch.rand(6, 13, 11), 4) > 0.45
     spiral = torch.zeros(9, 9, dtype=torch.bool)  # a long snake needs many propagation rounds
     spiral[0, :] = spiral[:, 8] = spiral[8, :] = spiral[2:, 0] = spiral[2, :7] = spiral[2:7, 6] = True
@@ -310,7 +310,7 @@ def test_gini_hand_values():
 
 
 def test_gini_matches_quantus():
-    quantus = pytest.importorskip("quantus")
+    import quantus  # [test] extra: never skipped
     maps = seeded(lambda: torch.randn(4, 6, 6), 5)
     ref = quantus.Sparseness(disable_warnings=True).evaluate_batch(x_batch=None, a_batch=maps.abs().numpy())
     assert torch.allclose(gini(maps), torch.as_tensor(ref, dtype=torch.float32), atol=1e-5)
@@ -325,7 +325,7 @@ def test_spearman_ties_constant_and_scipy():
     # ranks [1.5,1.5,3] vs [1,2,3]: centred [-.5,-.5,1] . [-1,0,1] = 1.5; norms sqrt(1.5), sqrt(2)
     assert got[0].item() == pytest.approx(1.5 / math.sqrt(3))
     assert got[1].item() == pytest.approx(-1.0) and math.isnan(got[2].item())
-    stats = pytest.importorskip("scipy.stats")
+    from scipy import stats  # [test] extra: never skipped
     x = seeded(lambda: torch.randint(0, 4, (5, 4, 5)).float(), 6)
     y = seeded(lambda: torch.randint(0, 5, (5, 4, 5)).float(), 7)
     ours = spearman(x, y)

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -252,3 +253,44 @@ def test_paper_claim_absent_class_measured(shapes_model):
     assert r["runner_up", "haf"] < 0.5 * r["runner_up", "gradcam"]  # the claim holds here
     assert r["least_likely", "haf"] > 2 * r["least_likely", "gradcam"]  # and is contradicted here
     assert r["next", "haf"] > r["next", "gradcam"]  # and here: no HAF advantage for (label + 1) mod K
+
+
+def _bilinear_plain(m: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """Bilinear resize with half-pixel centres (align_corners=False), one output pixel at a time."""
+    in_h, in_w = m.shape
+    out = np.zeros((out_h, out_w))
+    for r in range(out_h):
+        sr = max((r + 0.5) * in_h / out_h - 0.5, 0.0)
+        r0 = int(np.floor(sr))
+        r1, wr = min(r0 + 1, in_h - 1), sr - r0
+        for c in range(out_w):
+            sc = max((c + 0.5) * in_w / out_w - 0.5, 0.0)
+            c0 = int(np.floor(sc))
+            c1, wc = min(c0 + 1, in_w - 1), sc - c0
+            out[r, c] = ((1 - wr) * ((1 - wc) * m[r0, c0] + wc * m[r0, c1])
+                         + wr * ((1 - wc) * m[r1, c0] + wc * m[r1, c1]))
+    return out
+
+
+def test_haf_fused_map_is_the_mean_of_the_normalised_upsampled_layer_masks(shapes_model):
+    """METHODS §3's fusion recomputed plainly from the learned masks: channel mean per layer, bilinear to the
+    input size, min-max to [0, 1] per image, mean over the layers. On a trained model (a random TinyCNN's
+    masks all went to 0 or all to 1, which would check only the flat case)."""
+    model, x, y, *_ = shapes_model
+    x, y = x[:3], y[:3]
+    layers = ["layer2", "layer3"]
+    masks, _ = learn_masks(model, x, y, layers=layers, steps=30)
+    heat = haf(model, x, y, layers=layers, steps=30)
+    size = x.shape[-2:]
+    varied = 0
+    for i in range(len(x)):
+        per_layer = []
+        for name in layers:
+            mean = masks[name][i].mean(0).double().numpy()
+            assert mean.shape != tuple(size)  # the layer is coarser than the input: upsampling is exercised
+            m = _bilinear_plain(mean, *size)
+            flat = m.max() - m.min() <= 1e-6 * max(abs(m).max(), 1e-30)  # a constant mask normalises to 0
+            varied += not flat
+            per_layer.append(np.zeros_like(m) if flat else (m - m.min()) / (m.max() - m.min()))
+        np.testing.assert_allclose(heat[i].numpy(), sum(per_layer) / len(layers), rtol=1e-4, atol=1e-5)
+    assert varied >= len(x)  # masks that vary over the image: the general case of the normalisation ran

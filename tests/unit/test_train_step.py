@@ -115,7 +115,8 @@ def test_shard_cache_streams_every_epoch_when_the_shard_is_too_big():
 
 
 def test_model_hash_retrains_only_what_a_change_touches():
-    from pipelines.train import model_hash, warmup_path
+    from pipelines.common import model_hash
+    from pipelines.train import warmup_path
 
     base = _cfg()
     modes = ("erm", "consistency", "scaat")

@@ -1,0 +1,29 @@
+"""ingest._validate, branch by branch: each bad split is named with its row or shape and what was expected."""
+
+import re
+
+import numpy as np
+import pytest
+
+from pipelines.ingest import _validate
+
+
+def _split(n: int = 4, size: int = 8) -> dict[str, np.ndarray]:
+    return {"image": np.zeros((n, 3, size, size), np.uint8), "label": np.arange(n) % 3,
+            "mask": np.zeros((n, size, size), bool)}
+
+
+def test_a_good_split_passes():
+    _validate("train", _split(), num_classes=3)  # labels 0, 1, 2, 0
+
+
+@pytest.mark.parametrize("breaker,message", [
+    (lambda a: {k: v[:0] for k, v in a.items()}, "split 'train' is empty: nothing to train or evaluate on"),
+    (lambda a: {**a, "label": np.array([0, 1, -1, 2])}, "split 'train' row 2: label -1 is outside 0..2"),
+    (lambda a: {**a, "label": np.array([0, 3, 1, 7])}, "split 'train' row 1: label 3 is outside 0..2"),
+    (lambda a: {**a, "image": a["image"].astype(np.float32)}, "split 'train': images must be uint8, got float32"),
+    (lambda a: {**a, "mask": np.zeros((4, 8, 6), bool)}, "split 'train': masks (8, 6) do not match images (8, 8)"),
+], ids=["empty", "negative-label", "label-above-classes", "float-images", "mask-size"])
+def test_each_check_names_what_is_wrong(breaker, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        _validate("train", breaker(_split()), num_classes=3)
