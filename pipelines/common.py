@@ -125,17 +125,20 @@ def pool_map(src: Any, udf: type, ctor_kwargs: dict, *, rows: int, plan: Any, ba
     (seeded by the batch's first sample), depends on the data and ``batch_size`` only, not on the cluster's
     size; and no batch spans two blocks, which would make Ray Data bundle blocks into one task (paper run:
     one actor ran 100 + 33 images while another had nothing). read_parquet packs small files into one read
-    task, so without the cut one actor got all the work; parallelism is up to the number of batches. Killed
+    task, so without the cut one actor got all the work; parallelism is up to the number of batches, so the
+    pool has no more actors than batches (the smoke config's evaluate split is one batch: two of three actors
+    started, loaded every model and sat idle, on a 2-core machine beside the one that worked). Killed
     actors restart and retry their batch, at most ACTOR_RESTARTS times."""
     with warnings.catch_warnings():
         # Ray 2.60 has no named map_batches parameter for max_restarts / max_task_retries and warns on the
         # ray_remote_args they travel in. Without them Ray Data restarts a killed actor without end (a batch
         # that kills its actor every time, e.g. out of memory, would hang the stage): bounded here.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        return src.repartition(batch_count(rows, batch_size)).map_batches(
+        batches = batch_count(rows, batch_size)
+        return src.repartition(batches).map_batches(
             udf, fn_constructor_kwargs={**ctor_kwargs, "threads": max(1, int(plan.actor_cpus))},
-            compute=actor_pool(plan.actors), num_cpus=plan.actor_cpus, batch_size=None, batch_format="numpy",
-            max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
+            compute=actor_pool(min(plan.actors, batches)), num_cpus=plan.actor_cpus, batch_size=None,
+            batch_format="numpy", max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS)
 
 
 def pick_device(choice: str = "auto") -> torch.device:

@@ -4,7 +4,6 @@ import logging
 import os
 import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,9 +15,6 @@ ROOT = Path(__file__).resolve().parents[2]
 S3_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing-key", "AWS_SECRET_ACCESS_KEY": "testing-secret",
                "AWS_DEFAULT_REGION": "us-east-1"}
 S3_TEST_BUCKET = "xai-test-bucket"
-# The pause points of the session's Ray workers and actors (pipelines.common.pause_point): a folder of this
-# test session's, given to every worker through the runtime_env as the S3 credentials are.
-PAUSE_DIR = Path(tempfile.gettempdir()) / f"xai-pauses-{os.getpid()}"
 
 
 def free_port() -> int:
@@ -31,29 +27,14 @@ def free_port() -> int:
 def ray_session():
     import ray
 
-    from pipelines.common import PAUSE_DIR_ENV
-
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "180")
     if not ray.is_initialized():
         # address="local": a new instance even if `ray start` left /tmp/ray/ray_current_cluster behind
         # the dashboard serves the state API Ray Train's placement-group cleaner needs (see full.init_ray)
         ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **S3_TEST_ENV,
-                                           PAUSE_DIR_ENV: str(PAUSE_DIR)}})
+                 runtime_env={"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", **S3_TEST_ENV}})
     yield ray
     ray.shutdown()
-    shutil.rmtree(PAUSE_DIR, ignore_errors=True)
-
-
-@pytest.fixture
-def pauses(ray_session):
-    """The session Ray's pause points, none armed before and after the test."""
-    from tests._pause import Pauses
-
-    p = Pauses(PAUSE_DIR)
-    p.clear()
-    yield p
-    p.clear()
 
 
 @pytest.fixture(scope="session")

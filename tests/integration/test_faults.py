@@ -97,18 +97,22 @@ def _kill_own_ray(proc: subprocess.Popen | None, marker: str) -> None:
 
 
 @pytest.mark.slow
-def test_driver_killed_in_scaat_then_a_rerun_with_an_evaluate_actor_killed_equals_the_uninterrupted_run(
-        smoke_run, tmp_path):
-    """The smoke pipeline in a subprocess, its driver SIGKILLed while SCAAT trains (after the checkpoint of
-    epoch 1; ERM and consistency committed); the rerun skips the committed stages and models, resumes SCAAT
-    from that checkpoint, and has an evaluate actor SIGKILLed inside its test batch. Weights, precompute
-    rows, evaluate tables and checks end equal to the shared smoke run's, which was never interrupted."""
+def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(smoke_run, tmp_path):
+    """The smoke pipeline in a subprocess of its own Ray. Run 1: the Ray Train worker is SIGKILLed after
+    ERM's checkpointed epoch 1 (Ray Train restarts it), a precompute actor inside batch 64 of consistency
+    round 1 (it restarts and redoes the batch), and then the driver while SCAAT trains (after its epoch-1
+    checkpoint; ERM and consistency are committed). Run 2, the same command: the committed stages and models
+    are skipped, SCAAT resumes from its checkpoint, and an evaluate actor is SIGKILLed inside its test batch.
+    Weights, precompute rows, evaluate tables, checks and sweep end equal to the shared smoke run's, which
+    lost nothing; MLflow steps never repeat."""
+    from mlflow.tracking import MlflowClient
+
     from tests._pause import Pauses
 
-    runs = tmp_path / "runs"
+    runs, db = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = runs / "smoke"
     cmd = [sys.executable, "pipelines/full.py", "--config", "configs/smoke.yaml", "--set", "ray.num_cpus=4",
-           "--set", f"storage.uri={runs}", "--set", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+           "--set", f"storage.uri={runs}", "--set", f"tracking.uri={db}"]
     # Its own local Ray: no RAY_ADDRESS, and a Ray temp dir of its own (short: Unix socket paths), so it
     # neither attaches to the session's Ray nor to /tmp/ray/ray_current_cluster; the unique RAY_TMPDIR
     # also marks every process of that Ray for the clean-up. Same CPUs as the session's Ray: same plan.
@@ -119,18 +123,29 @@ def test_driver_killed_in_scaat_then_a_rerun_with_an_evaluate_actor_killed_equal
     env.update(RAY_TMPDIR=ray_tmp, RAY_DATA_DISABLE_PROGRESS_BARS="1", TQDM_DISABLE="1",
                XAI_PAUSE_DIR=str(pauses.folder))
     log1 = tmp_path / "run1.log"
-    pauses.arm("train-scaat-s0-epoch1")
+    for name in ("train-erm-s0-epoch1", "precompute-batch64", "train-scaat-s0-epoch1"):
+        pauses.arm(name)  # the precompute batch: the second of round 1's three (192 samples, batch 64)
     with open(log1, "w") as out:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+    alive = lambda: proc.poll() is None  # noqa: E731
     try:
-        pauses.wait("train-scaat-s0-epoch1", alive=lambda: proc.poll() is None)
+        worker = pauses.wait("train-erm-s0-epoch1", alive=alive)
+        _wait_checkpointed(store / "ray", "erm_s0")
+        os.kill(worker, signal.SIGKILL)
+        pauses.release("train-erm-s0-epoch1")
+        actor = pauses.wait("precompute-batch64", alive=alive)
+        precompute_committed_at_kill = (store / "precompute" / "s0_round1" / "_manifest.json").exists()
+        os.kill(actor, signal.SIGKILL)
+        pauses.release("precompute-batch64")
+        pauses.wait("train-scaat-s0-epoch1", alive=alive)
         _wait_checkpointed(store / "ray", "scaat_s0")
-        assert proc.poll() is None, log1.read_text()[-3000:]
+        assert alive(), log1.read_text()[-3000:]
         ingest_before = (store / "ingest" / "_manifest.json").read_text()
     finally:
         _kill_own_ray(proc, marker)
     pauses.clear()
+    assert not precompute_committed_at_kill  # the actor died mid-stage
     assert (store / "train" / "erm_s0" / "_manifest.json").exists()
     assert (store / "train" / "consistency_s0" / "_manifest.json").exists()
     assert not (store / "train" / "scaat_s0" / "_manifest.json").exists()
@@ -155,70 +170,25 @@ def test_driver_killed_in_scaat_then_a_rerun_with_an_evaluate_actor_killed_equal
     assert "[scaat s0] resumed from epoch 1" in out  # from the killed run's Ray Train checkpoint
     assert (store / "ingest" / "_manifest.json").read_text() == ingest_before  # not rewritten
 
-    ref = smoke_run["store"]
-    _assert_same_weights(store, ref, ["consistency_s0", "erm_s0", "scaat_s0"])
-    _assert_same_table(store / "precompute" / "s0_round1" / "samples", ref / "precompute" / "s0_round1" / "samples",
-                       ["idx"])
-    for split in ("test", "dwsol"):
-        _assert_same_table(store / "evaluate" / split, ref / "evaluate" / split, ["model", "method", "idx"])
-    assert json.loads((store / "evaluate" / "summary.json").read_text()) == \
-        json.loads((ref / "evaluate" / "summary.json").read_text())
-    assert json.loads((store / "sweep" / "results.json").read_text()) == \
-        json.loads((ref / "sweep" / "results.json").read_text())
-
-
-# ---------------------------------------------------------- a train worker and a Ray Data actor killed
-@pytest.mark.slow
-def test_train_worker_and_precompute_actor_killed_mid_run_end_as_the_uninterrupted_run(
-        ray_session, pauses, smoke_run, tmp_path):
-    """SIGKILL the Ray Train worker after ERM's checkpointed epoch 1 and a precompute actor inside batch 64
-    of consistency round 1: training resumes from the checkpoint in the same MLflow run (steps never go
-    backwards), the stage commits every sample once, and the precompute rows (bit for bit) and final
-    weights equal the shared smoke run's (the same config; `train.modes` does not change a model)."""
-    import threading
-
-    from mlflow.tracking import MlflowClient
-
-    from pipelines import full
-
-    runs, db = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
-    args = ["--config", SMOKE, "--set", "train.modes=[erm,consistency]", "--set", f"storage.uri={runs}",
-            "--set", f"tracking.uri={db}"]
-    assert full.main(args + ["--only", "ingest"]) == 0
-    pauses.arm("train-erm-s0-epoch1")
-    pauses.arm("precompute-batch64")  # the second of round 1's three batches (192 samples, batch 64)
-    result: dict = {}
-    runner = threading.Thread(target=lambda: result.update(rc=full.main(args + ["--only", "train"])), daemon=True)
-    runner.start()
-    worker = pauses.wait("train-erm-s0-epoch1", alive=runner.is_alive)
-    _wait_checkpointed(runs / "smoke" / "ray", "erm_s0")
-    os.kill(worker, signal.SIGKILL)
-    pauses.release("train-erm-s0-epoch1")
-    actor = pauses.wait("precompute-batch64", alive=runner.is_alive)
-    committed_at_kill = (runs / "smoke" / "precompute" / "s0_round1" / "_manifest.json").exists()
-    os.kill(actor, signal.SIGKILL)
-    pauses.release("precompute-batch64")
-    runner.join(timeout=600)  # bounds a hang only
-    assert not runner.is_alive() and result.get("rc") == 0, result
-    assert not committed_at_kill  # the actor died mid-stage
-
     client = MlflowClient(db)
     exp = client.get_experiment_by_name("xai-ray-smoke").experiment_id
-    erm_runs = client.search_runs([exp], filter_string="tags.`xai.model` = 'erm_s0'")
-    assert len(erm_runs) == 1  # the restarted worker logged into the same run
-    run_id = erm_runs[0].info.run_id
-    assert [m.step for m in client.get_metric_history(run_id, "loss")] == [1, 2]
-    assert [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")] == [1.0]
+    for key in ("erm_s0", "scaat_s0"):  # the restarted worker / the rerun logged into the same run
+        (run,) = client.search_runs([exp], filter_string=f"tags.`xai.model` = '{key}'")
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2], key
+        assert [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")] == [1.0], key
 
-    stage = runs / "smoke" / "precompute" / "s0_round1"
-    manifest = json.loads((stage / "_manifest.json").read_text())
-    assert manifest["rows"] == {"samples": 192}
-    ref = smoke_run["store"] / "precompute" / "s0_round1"
-    _assert_same_table(stage / "samples", ref / "samples", ["idx"])  # every sample once, the same bytes
+    ref = smoke_run["store"]
+    _assert_same_weights(store, ref, ["consistency_s0", "erm_s0", "scaat_s0"])
+    rnd = Path("precompute") / "s0_round1"
+    assert json.loads((store / rnd / "_manifest.json").read_text())["rows"] == {"samples": 192}
+    _assert_same_table(store / rnd / "samples", ref / rnd / "samples", ["idx"])  # every sample once, same bytes
     import pyarrow.parquet as pq
 
-    assert pq.read_table(stage / "weights.parquet").equals(pq.read_table(ref / "weights.parquet"))
-    _assert_same_weights(runs / "smoke", smoke_run["store"], ["consistency_s0", "erm_s0"])
+    assert pq.read_table(store / rnd / "weights.parquet").equals(pq.read_table(ref / rnd / "weights.parquet"))
+    for split in ("test", "dwsol"):
+        _assert_same_table(store / "evaluate" / split, ref / "evaluate" / split, ["model", "method", "idx"])
+    for stage, name in (("evaluate", "summary.json"), ("sweep", "results.json")):
+        assert json.loads((store / stage / name).read_text()) == json.loads((ref / stage / name).read_text())
 
 
 # ------------------------------------------------------------------------------------- bad inputs
