@@ -42,7 +42,7 @@ class CuttableProxy:
             try:
                 client, _ = server.accept()
             except OSError:
-                return  # closed by cut()
+                return  # closed by _drop()
             upstream = socket.create_connection(self.target)
             with self._lock:
                 self._conns += [client, upstream]
@@ -55,7 +55,7 @@ class CuttableProxy:
             while data := src.recv(65536):
                 if from_client:
                     self.log.append(data[:120])
-                if from_client and self.cut_at is not None:
+                if from_client and self.cut_at is not None:  # count the matching request lines so far
                     window = tail + data
                     with self._lock:
                         self.seen += len(self.request.findall(window)) - len(self.request.findall(tail))

@@ -37,32 +37,33 @@ def ray_session():
     ray.shutdown()
 
 
+def _smoke(base: Path) -> dict:
+    """full.py's arguments for the smoke config with its store and MLflow database under ``base``."""
+    db = f"sqlite:///{base / 'mlflow.db'}"
+    args = ["--config", str(ROOT / "configs/smoke.yaml"), "--set", f"storage.uri={base / 'runs'}",
+            "--set", f"tracking.uri={db}"]
+    return {"base": base, "db": db, "args": args, "store": base / "runs" / "smoke"}
+
+
 @pytest.fixture(scope="session")
 def smoke_run(ray_session, tmp_path_factory):
     """Run pipelines/full.py --config configs/smoke.yaml in-process against a fresh store and MLflow db."""
     from pipelines import full
 
-    base = tmp_path_factory.mktemp("smoke")
-    db = f"sqlite:///{base / 'mlflow.db'}"
-    args = ["--config", str(ROOT / "configs/smoke.yaml"), "--set", f"storage.uri={base / 'runs'}",
-            "--set", f"tracking.uri={db}"]
-    rc = full.main(args)
-    assert rc == 0
-    yield {"base": base, "db": db, "args": args, "store": base / "runs" / "smoke"}
-    shutil.rmtree(base, ignore_errors=True)
+    run = _smoke(tmp_path_factory.mktemp("smoke"))
+    assert full.main(run["args"]) == 0
+    yield run
+    shutil.rmtree(run["base"], ignore_errors=True)
 
 
 @pytest.fixture
 def smoke_copy(smoke_run, tmp_path):
     """A copy of the shared smoke run's store and MLflow database, for tests that run more stages on it:
     the shared run itself stays as it was, so no test depends on the order the others ran in."""
-    base = tmp_path / "smoke-copy"
-    shutil.copytree(smoke_run["base"] / "runs", base / "runs")
-    shutil.copy2(smoke_run["base"] / "mlflow.db", base / "mlflow.db")
-    db = f"sqlite:///{base / 'mlflow.db'}"
-    args = ["--config", str(ROOT / "configs/smoke.yaml"), "--set", f"storage.uri={base / 'runs'}",
-            "--set", f"tracking.uri={db}"]
-    return {"base": base, "db": db, "args": args, "store": base / "runs" / "smoke"}
+    copy = _smoke(tmp_path / "smoke-copy")
+    shutil.copytree(smoke_run["base"] / "runs", copy["base"] / "runs")
+    shutil.copy2(smoke_run["base"] / "mlflow.db", copy["base"] / "mlflow.db")
+    return copy
 
 
 @pytest.fixture(scope="session")

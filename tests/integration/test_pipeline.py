@@ -106,15 +106,11 @@ def _split(store, split: str) -> dict[str, np.ndarray]:
     """An ingested split in file order, read with pyarrow alone (not through the pipeline's readers)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    import ray.data  # noqa: F401 - registers the tensor extension type
+
+    from tests._arrow import numpy_columns
 
     manifest = json.loads((store / "ingest" / "_manifest.json").read_text())
-    table = pa.concat_tables([pq.read_table(store / f) for f in manifest["files"][split]])
-    out = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        out[name] = col.to_numpy() if hasattr(col.type, "shape") else col.to_numpy(zero_copy_only=False)
-    return out
+    return numpy_columns(pa.concat_tables([pq.read_table(store / f) for f in manifest["files"][split]]))
 
 
 def _model(store, key: str) -> torch.nn.Module:

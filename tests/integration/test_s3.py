@@ -116,14 +116,10 @@ def _read_back(client, bucket: str, key: str) -> dict:
     import io
 
     import pyarrow.parquet as pq
-    import ray.data  # noqa: F401 - tensor extension types
 
-    table = pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read()))
-    out = {}
-    for name in table.column_names:
-        col = table.column(name).combine_chunks()
-        out[name] = col.to_numpy() if hasattr(col.type, "shape") else col.to_numpy(zero_copy_only=False)
-    return out
+    from tests._arrow import numpy_columns
+
+    return numpy_columns(pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())))
 
 
 def _ingest_args(proxy, bucket: str, db: Path) -> tuple[list[str], list[str]]:
@@ -172,7 +168,12 @@ def test_endpoint_lost_during_the_parquet_writes_commits_nothing_then_an_outage_
 
     proxy = CuttableProxy(moto_s3["port"], cut_at=3)  # the rerun's endpoint goes away at the same point
     overrides, args = _ingest_args(proxy, bucket, tmp_path / "lost.db")
-    back = threading.Thread(target=lambda: proxy.cut.wait(300) and (time.sleep(3), proxy.restore()), daemon=True)
+    def back_after_3_s() -> None:
+        if proxy.cut.wait(300):  # bounds a hang only
+            time.sleep(3)
+            proxy.restore()
+
+    back = threading.Thread(target=back_after_3_s, daemon=True)
     back.start()
     try:
         assert full.main(args) == 0, capsys.readouterr().err[-3000:]

@@ -9,14 +9,11 @@ BatchNorm: with it, per-worker batch statistics differ from the whole batch's by
 
 import os
 import socket
-import sys
-from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _models import TinyCNN  # noqa: E402
+from tests.unit._models import TinyCNN
 
 SEED = 123
 
