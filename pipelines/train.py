@@ -385,6 +385,19 @@ def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train
     return data
 
 
+# What loading a logged model needs: it is a torch.export program (mlflow's pt2 format), so neither
+# xai_core nor pipelines. Declared, not inferred: mlflow's inference loads the model in a subprocess to
+# watch its imports, 18 s of a 19 s log_model per model on the 2-core machine (1.2 s declared).
+MODEL_REQUIREMENTS = ("mlflow", "cloudpickle", "numpy", "torch")
+
+
+def model_requirements() -> list[str]:
+    """pip pins of MODEL_REQUIREMENTS at the installed versions (local tags such as +cu130 dropped)."""
+    from importlib.metadata import version
+
+    return [f"{name}=={version(name).split('+')[0]}" for name in MODEL_REQUIREMENTS]
+
+
 def _log_model(cfg: Any, tracker: Any, run_id: str, data: bytes, key: str) -> None:
     """Log the final model with mlflow.pytorch (and register it) under the model's run."""
     import mlflow
@@ -395,7 +408,7 @@ def _log_model(cfg: Any, tracker: Any, run_id: str, data: bytes, key: str) -> No
     example = np.zeros((2, 3, cfg.data.size, cfg.data.size), np.float32)  # batch 2: a dynamic batch dim in pt2
     with tracker.active(run_id):
         mlflow.pytorch.log_model(
-            model, name="model", input_example=example,
+            model, name="model", input_example=example, pip_requirements=model_requirements(),
             registered_model_name=f"{cfg.name}-{key}" if cfg.tracking.register_models else None)
 
 

@@ -1,6 +1,7 @@
 """The smoke pipeline on a local Ray, read back from storage and from the MLflow store."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -227,6 +228,9 @@ def test_logged_mlflow_model_computes_what_the_checkpoint_computes(smoke_run):
     x = torch.from_numpy(data["image"][:8].astype(np.float32) / 255)
     with torch.no_grad():
         torch.testing.assert_close(logged(x), _model(smoke_run["store"], "erm_s0")(x), rtol=0, atol=0)
+    # declared requirements (not inferred): the pins are the versions installed here
+    reqs = Path(mlflow.pyfunc.get_model_dependencies(f"runs:/{erm.info.run_id}/model")).read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in reqs and f"numpy=={np.__version__}" in reqs, reqs
 
 
 def test_results_md_cells_are_the_means_of_the_evaluate_rows(smoke_run):
