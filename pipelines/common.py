@@ -230,3 +230,16 @@ def model_hash(cfg: Any, mode: str, seed: int) -> str:
     if mode in ("consistency", "scaat"):
         payload[mode] = getattr(cfg, mode).model_dump(mode="json")
     return digest(payload)
+
+
+THRESHOLDED = ("tif", "gradcam_thresholded")  # the methods with an alpha, each swept on its own grid
+
+
+def default_alphas(cfg: Any) -> dict[str, float]:
+    """Every thresholded method at evaluate.tif_alpha: what evaluate uses when no sweep ran."""
+    return {m: cfg.evaluate.tif_alpha for m in THRESHOLDED}
+
+
+def alpha_of(alphas: dict[str, float], method: str) -> float:
+    """The alpha a method is evaluated at (0.0 for a method without one: it is not read)."""
+    return float(alphas.get(method, 0.0))

@@ -139,7 +139,9 @@ class EvaluateConfig(_Section):
 class SweepConfig(_Section):
     enabled: bool = True
     alphas: list[float] = [0.0, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9]
-    metric: Literal["iou", "energy_pointing_game", "pointing_game"] = "iou"
+    # the objective each thresholded method's alpha is picked by (higher is better). pxap is threshold-free
+    # (Choe et al. 2020); the IoU of the half-max region cannot see any alpha <= 0.5 (METHODS §2)
+    metric: Literal["pxap", "iou", "energy_pointing_game", "pointing_game"] = "pxap"
     n_val: int = Field(128, ge=4)
     model: Literal["erm", "consistency", "scaat"] = "erm"
     # Optional sweep over training knobs (each trial a TorchTrainer under Tune with ASHA).

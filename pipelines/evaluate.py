@@ -15,7 +15,7 @@ import torch
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import pool_map
+from pipelines.common import alpha_of, pool_map
 from xai_core._tensor import seeded_generator
 
 log = logging.getLogger("xai.evaluate")
@@ -58,7 +58,7 @@ def draw_generator(first_idx: int, model_key: str, purpose: str) -> torch.Genera
 class EvalActor:
     """Ray Data class UDF: loads every model once; one output row per (sample, model, method)."""
 
-    def __init__(self, cfg_json: dict, storage: list, models: dict[str, str], alpha: float, split: str,
+    def __init__(self, cfg_json: dict, storage: list, models: dict[str, str], alphas: dict[str, float], split: str,
                  threads: int = 1) -> None:
         from pipelines.common import load_model, pick_device
         from pipelines.config import Config
@@ -68,7 +68,7 @@ class EvalActor:
         self.device = pick_device(self.cfg.train.device)
         store = st.Storage(*storage)
         self.models = {k: load_model(self.cfg, store.read_bytes(p), p).to(self.device) for k, p in models.items()}
-        self.alpha, self.split = alpha, split
+        self.alphas, self.split = alphas, split
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.common import pause_point
@@ -85,6 +85,7 @@ class EvalActor:
         n = len(batch["idx"])
         mode, seed = key.rsplit("_s", 1)
         return {"idx": batch["idx"], "group": batch.get("group", np.full(n, -1)),
+                "label": batch["label"], "background": batch.get("background", np.full(n, -1)),
                 "model": np.array([key] * n), "mode": np.array([mode] * n), "seed": np.full(n, int(seed)),
                 "method": np.array([method] * n),
                 **{k: v.detach().float().cpu().numpy() for k, v in cols.items()}}
@@ -98,6 +99,7 @@ class EvalActor:
             insertion_auc,
             localisation_iou,
             pointing_game,
+            pxap,
             wsss_miou,
         )
         from xai_core.perturb import pgd
@@ -118,13 +120,13 @@ class EvalActor:
                     acc_cols[f"robust_acc_{round(eps * 255)}"] = (model(xa).argmax(1) == y).float()
             out.append(self._rows(batch, key, "none", acc_cols))
             for method in e.methods:
-                maps = explain_fn(self.cfg, method, self.alpha)(model, x, y)
+                maps = explain_fn(self.cfg, method, alpha_of(self.alphas, method))(model, x, y)
                 d_auc, d_curve = deletion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
                 i_auc, i_curve = insertion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
                 random_order = draw_generator(first, key, f"deletion_random/{method}")
                 cols = {"pointing_game": pointing_game(maps, mask),
                         "energy_pointing_game": energy_pointing_game(maps, mask),
-                        "iou": localisation_iou(maps, mask), "gini": gini(maps),
+                        "pxap": pxap(maps, mask), "iou": localisation_iou(maps, mask), "gini": gini(maps),
                         "deletion_auc": d_auc, "insertion_auc": i_auc,
                         "deletion_auc_random": deletion_auc(model, x, maps, y, n_steps=e.deletion_steps,
                                                             order="random", generator=random_order),
@@ -144,7 +146,7 @@ class EvalActor:
         for key, model in self.models.items():
             for method in self.cfg.evaluate.methods:
                 res = dwsol(model, t["image"], t["label"].long(), t["label2"].long(), t["mask"].bool(),
-                            t["mask2"].bool(), explain_fn(self.cfg, method, self.alpha))
+                            t["mask2"].bool(), explain_fn(self.cfg, method, alpha_of(self.alphas, method)))
                 out.append(self._rows(batch, key, method, {k: v for k, v in res.items()}))
         return _concat(out)
 
@@ -165,14 +167,15 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def config_hash(cfg: Any, alpha: float) -> str:
-    return cfg.section_hash("data", "model", "train", "consistency", "scaat", "evaluate") + f"-a{alpha:.4f}"
+def config_hash(cfg: Any, alphas: dict[str, float]) -> str:
+    return cfg.section_hash("data", "model", "train", "consistency", "scaat", "evaluate") + "".join(
+        f"-{m}{alphas[m]:.4f}" for m in sorted(alphas))
 
 
-def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict, alpha: float,
+def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict, alphas: dict[str, float],
         tracker: Any, stage_run: str, plan: Any, force: bool = False) -> tuple[dict, bool]:
 
-    h = config_hash(cfg, alpha)
+    h = config_hash(cfg, alphas)
     if not force and (m := st.committed(store, STAGE, h)):
         return m, False
     st.begin(store, STAGE)
@@ -183,7 +186,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     for split, limit in splits:
         n = min(limit, ingest_manifest["rows"][split])
         out = pool_map(ingest.read_split(store, ingest_manifest, split).limit(limit), EvalActor, {
-            "cfg_json": cfg.model_dump(mode="json"), "models": models, "alpha": alpha, "split": split,
+            "cfg_json": cfg.model_dump(mode="json"), "models": models, "alphas": alphas, "split": split,
             "storage": store.args()},
             rows=n, plan=plan, batch_size=cfg.evaluate.batch_size)
         files[split] = ingest.write_split(store, STAGE, split, out, 1)
@@ -192,9 +195,9 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         expected = n * len(models) * per_model
         if rows[split] != expected:  # a retried batch must not be counted twice, nor one lost
             raise RuntimeError(f"evaluate {split}: wrote {rows[split]} rows, expected {expected}")
-    summary = dataset_checks(cfg, store, ingest_manifest, models, alpha)
+    summary = dataset_checks(cfg, store, ingest_manifest, models, alphas)
     store.write_json(summary, STAGE, "summary.json")
-    manifest = st.commit(store, STAGE, h, files=files, rows=rows, alpha=alpha, models=sorted(models))
+    manifest = st.commit(store, STAGE, h, files=files, rows=rows, alphas=alphas, models=sorted(models))
     table = summarise(store, manifest)
     for key, metrics in table.items():
         tracker.log_metrics(stage_run, {f"{key}/{k}": v for k, v in metrics.items()})
@@ -218,7 +221,7 @@ def _flat_summary(summary: dict) -> dict[str, float]:
 
 
 def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dict[str, str],
-                   alpha: float) -> dict:
+                   alphas: dict[str, float]) -> dict:
     """Adversarial detection AUROC (§3b) from HAF, Grad-CAM and saliency maps; model randomisation (§6)."""
     from pipelines.common import load_model, to_tensors
     from xai_core.metrics import model_randomisation
@@ -238,14 +241,14 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
             x, y = data["image"][: e.detection_images], data["label"][: e.detection_images].long()
             for method in ("haf", "gradcam", "saliency"):
                 if method in e.methods:
-                    d = detection_auroc(model, x, y, explain_fn(cfg, method, alpha), eps=8 / 255,
+                    d = detection_auroc(model, x, y, explain_fn(cfg, method, alpha_of(alphas, method)), eps=8 / 255,
                                         steps=e.pgd_steps, seed=0)
                     res[f"detection_auroc_{method}"] = float(d["auroc"])
                     res["attack_success"] = float(d["attack_success"])
         if e.randomisation_images:
             x, y = data["image"][: e.randomisation_images], data["label"][: e.randomisation_images].long()
             for method in [m for m in ("gradcam", "saliency", "tif", "haf") if m in e.methods]:
-                corr = model_randomisation(model, x, y, explain_fn(cfg, method, alpha))
+                corr = model_randomisation(model, x, y, explain_fn(cfg, method, alpha_of(alphas, method)))
                 for layer, rho in corr.items():
                     res[f"randomisation_{method}_{layer}"] = float(torch.nanmean(rho))
         out[key] = res
@@ -263,8 +266,8 @@ def summarise(store: st.Storage, manifest: dict) -> dict[str, dict[str, float]]:
         df = read_frame(store, manifest, split)
         frames.append(df.assign(split=split))
     df = pd.concat(frames, ignore_index=True)
-    num = [c for c in df.columns if c not in ("idx", "group", "model", "mode", "seed", "method", "split")
-           and df[c].dtype.kind in "fi"]
+    keys = ("idx", "group", "label", "background", "model", "mode", "seed", "method", "split")
+    num = [c for c in df.columns if c not in keys and df[c].dtype.kind in "fi"]
     agg = df.groupby(["model", "method"])[num].mean()
     return {f"{m}/{meth}": {k: float(v) for k, v in row.items() if v == v} for (m, meth), row in agg.iterrows()}
 

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
 def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
     from pipelines import evaluate, ingest, report, sweep, train
     from pipelines import storage as st
-    from pipelines.common import resource_plan
+    from pipelines.common import default_alphas, resource_plan
     from pipelines.tracking import Tracker, git_revision, redact, tracking_uri
 
     t0 = time.time()
@@ -184,7 +184,7 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
         if last("train"):
             return
         tr = need("train", st.committed(store, train.STAGE, train.config_hash(cfg)))
-        alpha, sweep_result = cfg.evaluate.tif_alpha, None
+        alphas, sweep_result = default_alphas(cfg), None
         if cfg.sweep.enabled and ("tif" in cfg.evaluate.methods or args.only == "sweep"):
             r = stage_run("sweep")
             if wanted("sweep"):
@@ -193,16 +193,16 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
                 note("sweep", did, r)
             if store.exists(sweep.STAGE, "results.json"):
                 sweep_result = store.read_json(sweep.STAGE, "results.json")
-                alpha = float(sweep_result["best_alpha"])
+                alphas = {m: float(a) for m, a in sweep_result["best_alphas"].items()}
         if last("sweep"):
             return
         r = stage_run("evaluate")
         if wanted("evaluate"):
-            ev, did = evaluate.run(cfg, store, ing, tr, alpha, tracker, r, plan, force="evaluate" in force)
+            ev, did = evaluate.run(cfg, store, ing, tr, alphas, tracker, r, plan, force="evaluate" in force)
             note("evaluate", did, r)
         if last("evaluate"):
             return
-        ev = need("evaluate", st.committed(store, evaluate.STAGE, evaluate.config_hash(cfg, alpha)))
+        ev = need("evaluate", st.committed(store, evaluate.STAGE, evaluate.config_hash(cfg, alphas)))
         r = stage_run("report")
         if wanted("report"):
             rp, did = report.run(cfg, store, ing, tr, ev, sweep_result, tracker, r, force="report" in force)

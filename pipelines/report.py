@@ -17,10 +17,11 @@ import numpy as np
 
 from pipelines import evaluate, ingest
 from pipelines import storage as st
+from pipelines.common import alpha_of, default_alphas
 
 log = logging.getLogger("xai.report")
 STAGE = "report"
-TEST_METRICS = ["pointing_game", "energy_pointing_game", "iou", "wsss_miou", "gini", "deletion_auc",
+TEST_METRICS = ["pxap", "pointing_game", "energy_pointing_game", "iou", "wsss_miou", "gini", "deletion_auc",
                 "deletion_auc_random", "insertion_auc"]
 DWSOL_METRICS = ["hit_a", "hit_b", "false_response", "accuracy"]
 
@@ -55,7 +56,8 @@ def _png(fig: Any) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dict[str, str], alpha: float) -> Any:
+def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dict[str, str],
+                 alphas: dict[str, float]) -> Any:
     """Same images, every method (columns) for every model (row blocks), object outline drawn."""
     import matplotlib
 
@@ -73,7 +75,7 @@ def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dic
                              figsize=(1.3 * (len(methods) + 1), 1.3 * len(models) * k), squeeze=False)
     for mi, (key, path) in enumerate(sorted(models.items())):
         model = load_model(cfg, store.read_bytes(path), path)
-        maps = {m: evaluate.explain_fn(cfg, m, alpha)(model, x, y) for m in methods}
+        maps = {m: evaluate.explain_fn(cfg, m, alpha_of(alphas, m))(model, x, y) for m in methods}
         for i in range(k):
             r = mi * k + i
             axes[r, 0].imshow(x[i].permute(1, 2, 0).numpy())
@@ -123,14 +125,18 @@ def curves_figure(store: st.Storage, manifest: dict) -> Any:
 def alpha_figure(sweep: dict) -> Any:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-    for ax, metric in zip(axes, ("iou", "energy_pointing_game", "gini")):
+    metrics = [m for m in ("pxap", "energy_pointing_game", "deletion_auc", "gini") if m in sweep["rows"][0]]
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3), squeeze=False)
+    best = sweep.get("best_alphas") or {"tif": sweep["best_alpha"]}
+    for ax, metric in zip(axes[0], metrics):
         for method in sorted({r["method"] for r in sweep["rows"]}):
             rows = sorted((r for r in sweep["rows"] if r["method"] == method), key=lambda r: r["alpha"])
-            ax.plot([r["alpha"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
-        ax.axvline(sweep["best_alpha"], ls="--", c="grey")
+            line, = ax.plot([r["alpha"] for r in rows], [r[metric] for r in rows], marker="o", label=method)
+            if method in best:  # each method's own pick, in its colour
+                ax.axvline(best[method], ls="--", c=line.get_color(), lw=0.8)
         ax.set_xlabel("alpha")
-        ax.set_title(metric)
+        ax.set_title(metric + (" (lower is better)" if metric == "deletion_auc" else ""))
+    axes = axes[0]
     axes[0].legend(fontsize=7)
     return fig
 
@@ -196,8 +202,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         tables["D-WSOL (METHODS §3a)"] = metric_table(evaluate.read_frame(store, eval_manifest, "dwsol"),
                                                       DWSOL_METRICS)
     summary = store.read_json(evaluate.STAGE, "summary.json") if store.exists(evaluate.STAGE, "summary.json") else {}
-    alpha = eval_manifest.get("alpha", cfg.evaluate.tif_alpha)
-    figures = {"heatmaps": heatmap_grid(cfg, store, ingest_manifest, train_manifest["files"], alpha),
+    alphas = eval_manifest.get("alphas") or default_alphas(cfg)
+    figures = {"heatmaps": heatmap_grid(cfg, store, ingest_manifest, train_manifest["files"], alphas),
                "deletion_insertion_curves": curves_figure(store, eval_manifest)}
     if sweep_result:
         figures["alpha_curve"] = alpha_figure(sweep_result)
@@ -209,7 +215,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
              "td,th{padding:2px 8px;text-align:right}img{max-width:100%}</style></head><body>",
              f"<h1>xai-ray report: {html.escape(cfg.name)}</h1>",
-             f"<p>TIF alpha used in evaluation: {alpha:g}; models: {', '.join(sorted(train_manifest['files']))}</p>"]
+             f"<p>Alphas used in evaluation: {', '.join(f'{m} {a:g}' for m, a in sorted(alphas.items()))}; "
+             f"models: {', '.join(sorted(train_manifest['files']))}</p>"]
     for title, df in tables.items():
         parts.append(_table_html(df, title))
     if summary:

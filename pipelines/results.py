@@ -1,7 +1,10 @@
 """RESULTS.md from a run's evaluate output: the papers' claims measured, mean +- std over seeds.
 
 Every cell comes from the evaluate stage's per-sample rows (or its summary.json and the sweep's
-results.json); the verdict lines compare means with the seed-to-seed spread, nothing is typed by hand.
+results.json); nothing is typed by hand. Each claimed difference is A minus its comparator on the cells
+both were measured on (training seed x test image), with a paired bootstrap 95% CI over seeds and images
+(xai_core.stats, 2,000 resamples, seeded): supported / contradicted when the CI excludes 0 in / against the
+claimed direction, else inconclusive.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import re
 from typing import Any
 
 import numpy as np
+
+from xai_core import stats
 
 CLAIMS = {
     "000": "Explanation-consistency reweighting gives higher accuracy, better debiasing (conflicting "
@@ -45,24 +50,52 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-SUPPORTED, NOT_SUPPORTED = "supported", "not supported"
-INCONCLUSIVE, NOT_MEASURED = "within seed-to-seed noise: inconclusive", "not measured"
-ONE_SEED = " (1 seed: no spread, inconclusive)"
-VERDICTS = (SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE, NOT_MEASURED, "better" + ONE_SEED, "not better" + ONE_SEED)
+BOOTSTRAP_RESAMPLES = 2000
+MIN_GROUP = 20  # a (class, background) group with fewer test images is too noisy to be the worst
 
 
-def _verdict(a: np.ndarray, b: np.ndarray, higher_is_better: bool = True) -> tuple[str, float]:
-    """Compare a (method) with b (baseline): supported / not supported / inconclusive (within noise)."""
-    if a.size == 0 or b.size == 0:
-        return NOT_MEASURED, float("nan")
-    diff = float(np.nanmean(a) - np.nanmean(b)) * (1 if higher_is_better else -1)
-    n = min(a.size, b.size)
-    if n < 2:
-        return ("better" if diff > 0 else "not better") + ONE_SEED, diff
-    noise = float(np.nanstd(a, ddof=1) + np.nanstd(b, ddof=1))
-    if abs(diff) <= noise:
-        return INCONCLUSIVE, diff
-    return (SUPPORTED if diff > 0 else NOT_SUPPORTED), diff
+def _worst_group(acc: Any, num_backgrounds: int) -> np.ndarray:
+    """Per seed: the lowest accuracy among (class, background) groups with >= MIN_GROUP test images."""
+    import torch
+
+    from xai_core.metrics.groups import group_accuracy, group_ids
+
+    if "background" not in acc.columns or (acc["background"] < 0).any():
+        return np.array([])
+    out = []
+    for _, rows in acc.groupby("seed"):
+        g = group_ids(torch.tensor(rows["label"].to_numpy()), torch.tensor(rows["background"].to_numpy()),
+                      num_backgrounds)
+        out.append(group_accuracy(torch.tensor(rows["correct"].to_numpy()), g, min_size=MIN_GROUP)["worst"])
+    return np.array(out, dtype=float)
+
+
+def _grid(df: Any, metric: str, **where: Any) -> Any:
+    """The metric as a seeds x images table (pandas, index seed, columns idx) of the rows matching where."""
+    sel = df
+    for k, v in where.items():
+        sel = sel[sel[k] == v]
+    if metric not in sel.columns or sel.empty:
+        return None
+    return sel.pivot_table(index="seed", columns="idx", values=metric, aggfunc="mean", dropna=False)
+
+
+def paired(df: Any, metric: str, a: dict, b: dict, higher_is_better: bool = True, seed: int = 0) -> stats.Difference:
+    """A minus B on the cells (seed, test image) both were measured on, with a paired bootstrap 95% CI.
+
+    a and b select rows (e.g. {"mode": "consistency", "method": "none"} against {"mode": "erm", ...}); a
+    model comparison pairs each seed's models (they share the warm-up and the test images)."""
+    ga, gb = _grid(df, metric, **a), _grid(df, metric, **b)
+    if ga is None or gb is None:
+        return stats.paired_difference(np.array([np.nan]), np.array([np.nan]), higher_is_better=higher_is_better)
+    seeds = sorted(set(ga.index) & set(gb.index))
+    items = sorted(set(ga.columns) & set(gb.columns))
+    if not seeds or not items:
+        return stats.paired_difference(np.array([np.nan]), np.array([np.nan]), higher_is_better=higher_is_better)
+    va = ga.loc[seeds, items].to_numpy(dtype=float)
+    vb = gb.loc[seeds, items].to_numpy(dtype=float)
+    return stats.paired_difference(va, vb, higher_is_better=higher_is_better, n_resamples=BOOTSTRAP_RESAMPLES,
+                                   seed=seed)
 
 
 def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, sweep: dict | None,
@@ -80,8 +113,7 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
     for mode in modes:
         a = acc[acc["mode"] == mode]
         row = [mode, _cell(_per_seed(a, "correct", group=0)), _cell(_per_seed(a, "correct", group=1))]
-        worst = [min(x, y) for x, y in zip(_per_seed(a, "correct", group=0), _per_seed(a, "correct", group=1))]
-        row.append(_cell(np.array(worst)))
+        row += [_cell(_per_seed(a, "correct")), _cell(_worst_group(a, cfg.data.num_classes))]
         g = test[(test["mode"] == mode) & (test.method == "gradcam")]
         s = test[(test["mode"] == mode) & (test.method == "saliency")]
         row += [_cell(_per_seed(g, "pointing_game")), _cell(_per_seed(g, "energy_pointing_game")),
@@ -92,7 +124,8 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
     robust = sorted(c for c in acc.columns if c.startswith("robust_acc_"))
     eps_cols = [f"PGD acc {c.split('_')[-1]}/255" for c in robust]
     out += ["## Training: ERM vs. consistency reweighting (000) vs. SCAAT (002)", "",
-            _table(["model", "acc aligned", "acc conflicting", "worst group", "Grad-CAM PG", "Grad-CAM EPG",
+            _table(["model", "acc aligned", "acc conflicting", "acc (all)",
+                    f"worst group (class x background, >= {MIN_GROUP} images)", "Grad-CAM PG", "Grad-CAM EPG",
                     "saliency deletion AUC", "saliency insertion AUC", "saliency Gini", *eps_cols], rows), ""]
     if rounds:
         c = cfg.consistency
@@ -109,16 +142,20 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
     erm = test[test["mode"] == "erm"]
     methods = [m for m in cfg.evaluate.methods if m in set(erm.method)]
     rows = [[m] + [_cell(_per_seed(erm[erm.method == m], c))
-                   for c in ("iou", "energy_pointing_game", "pointing_game", "deletion_auc", "deletion_auc_random",
-                             "wsss_miou", "gini")] for m in methods]
+                   for c in ("pxap", "iou", "energy_pointing_game", "pointing_game", "deletion_auc",
+                             "deletion_auc_random", "wsss_miou", "gini")] for m in methods]
     out += ["## Attribution (003): base methods, TIF and the thresholded Grad-CAM control (ERM models)", "",
-            _table(["method", "IoU", "EPG", "PG", "deletion AUC", "deletion AUC (random order)", "WSSS mIoU",
+            _table(["method", "PxAP", "IoU", "EPG", "PG", "deletion AUC", "deletion AUC (random order)", "WSSS mIoU",
                     "Gini"], rows), ""]
     if sweep:
-        rows = [[r["method"], f"{r['alpha']:g}", f"{r['iou']:.3f}", f"{r['energy_pointing_game']:.3f}",
-                 f"{r['gini']:.3f}"] for r in sweep["rows"]]
-        out += [f"Alpha sweep (Ray Tune, validation split, objective {sweep['metric']}); picked alpha = "
-                f"**{sweep['best_alpha']:g}**:", "", _table(["method", "alpha", "IoU", "EPG", "Gini"], rows), ""]
+        cols = [c for c in ("pxap", "iou", "energy_pointing_game", "deletion_auc", "gini") if c in sweep["rows"][0]]
+        rows = [[r["method"], f"{r['alpha']:g}"] + [f"{r[c]:.3f}" for c in cols] for r in sweep["rows"]]
+        best = sweep.get("best_alphas") or {"tif": sweep["best_alpha"]}
+        out += [f"Alpha sweep (Ray Tune, validation split, objective {sweep['metric']}, each method at its own "
+                "best alpha): " + ", ".join(f"{m} **{a:g}**" for m, a in sorted(best.items())) + ":", "",
+                _table(["method", "alpha", *[{"pxap": "PxAP", "iou": "IoU", "energy_pointing_game": "EPG",
+                                              "deletion_auc": "deletion AUC", "gini": "Gini"}[c] for c in cols]],
+                       rows), ""]
     # --- reliability (001)
     if dwsol is not None and len(dwsol):
         d = dwsol[dwsol["mode"] == "erm"]
@@ -141,59 +178,63 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
                 f"power {c.power:g}, cap {c.w_max if c.w_max is not None else 'none'}, eps {c.eps:.4f}, mask "
                 f"{c.mask_source}; SCAAT keep {sc.keep:g}, eps {sc.eps:.4f}, {sc.steps} PGD step(s), lambda "
                 f"{sc.lam:g}; TIF base {cfg.evaluate.tif_base}; HAF {cfg.evaluate.haf_steps} steps. "
-                "A verdict holds for these settings on this benchmark only; 'inconclusive' means the difference "
-                "is within the seed-to-seed spread (sum of the two standard deviations)."]
+                "A verdict holds for these settings on this benchmark only. Each difference is A minus its "
+                "comparator over the (seed, test image) cells both were measured on, with a paired bootstrap "
+                f"95% CI ({BOOTSTRAP_RESAMPLES} resamples of seeds and images); 'inconclusive' means the CI holds 0."]
     return "\n".join(out) + "\n"
 
 
 def _claim_lines(test: Any, dwsol: Any | None, summary: dict) -> list[str]:
-    acc = test[test.method == "none"]
+    """One line per paper: each claimed difference, A minus its comparator, with its CI and verdict."""
     lines = []
+    modes, erm_methods = set(test["mode"]), set(test[test["mode"] == "erm"].method)
 
-    def line(pid: str, text: str) -> None:
-        lines.append(f"- **{pid}** ({CLAIMS[pid]}) {text}")
+    def line(pid: str, parts: list[str]) -> None:
+        lines.append(f"- **{pid}** ({CLAIMS[pid]}) " + "; ".join(parts) + ".")
 
-    if {"erm", "consistency"} <= set(test["mode"]):
-        v, d = _verdict(_per_seed(acc[acc["mode"] == "consistency"], "correct", group=1),
-                        _per_seed(acc[acc["mode"] == "erm"], "correct", group=1))
-        g = test[test.method == "gradcam"]
-        v2, d2 = _verdict(_per_seed(g[g["mode"] == "consistency"], "energy_pointing_game"),
-                          _per_seed(g[g["mode"] == "erm"], "energy_pointing_game"))
-        line("000", f"Conflicting-group accuracy vs. ERM: {d:+.3f} → {v}; Grad-CAM EPG: {d2:+.3f} → {v2}.")
-    if {"erm", "scaat"} <= set(test["mode"]):
-        s = test[test.method == "saliency"]
-        v1, d1 = _verdict(_per_seed(s[s["mode"] == "scaat"], "gini"), _per_seed(s[s["mode"] == "erm"], "gini"))
-        v2, d2 = _verdict(_per_seed(s[s["mode"] == "scaat"], "deletion_auc"),
-                          _per_seed(s[s["mode"] == "erm"], "deletion_auc"), higher_is_better=False)
-        v3, d3 = _verdict(_per_seed(acc[acc["mode"] == "scaat"], "correct"),
-                          _per_seed(acc[acc["mode"] == "erm"], "correct"))
-        line("002", f"Saliency Gini {d1:+.3f} → {v1}; deletion AUC {-d2:+.3f} (lower is better) → {v2}; "
-                    f"accuracy {d3:+.3f} → {v3}.")
+    def cmp(what: str, metric: str, a: dict, b: dict, frame: Any = test, higher: bool = True) -> str:
+        return f"{what}: {paired(frame, metric, a, b, higher_is_better=higher).text()}"
+
+    if {"erm", "consistency"} <= modes:
+        acc = test[test.method == "none"]
+        line("000", [cmp("conflicting-group accuracy, consistency vs. ERM", "correct",
+                         {"mode": "consistency", "group": 1}, {"mode": "erm", "group": 1}, acc),
+                     cmp("accuracy, consistency vs. ERM", "correct", {"mode": "consistency"}, {"mode": "erm"}, acc),
+                     cmp("Grad-CAM EPG, consistency vs. ERM", "energy_pointing_game",
+                         {"mode": "consistency", "method": "gradcam"}, {"mode": "erm", "method": "gradcam"})])
+    if {"erm", "scaat"} <= modes:
+        acc = test[test.method == "none"]
+        sal = {"method": "saliency"}
+        line("002", [cmp("saliency Gini, SCAAT vs. ERM", "gini", {"mode": "scaat", **sal}, {"mode": "erm", **sal}),
+                     cmp("saliency deletion AUC, SCAAT vs. ERM", "deletion_auc", {"mode": "scaat", **sal},
+                         {"mode": "erm", **sal}, higher=False),
+                     cmp("accuracy, SCAAT vs. ERM", "correct", {"mode": "scaat"}, {"mode": "erm"}, acc)])
     if dwsol is not None and len(dwsol) and {"haf", "gradcam"} <= set(dwsol.method):
-        d = dwsol[dwsol["mode"] == "erm"]
-        v, diff = _verdict(_per_seed(d[d.method == "haf"], "false_response"),
-                           _per_seed(d[d.method == "gradcam"], "false_response"), higher_is_better=False)
         det = [r.get("detection_auroc_haf", np.nan) - r.get("detection_auroc_gradcam", np.nan)
                for r in summary.values()]
-        line("001", f"False response HAF vs. Grad-CAM {-diff:+.3f} (lower is better) → {v}; detection AUROC "
-                    f"HAF minus Grad-CAM: {', '.join(f'{x:+.3f}' for x in det) or 'not measured'}.")
-    erm = test[test["mode"] == "erm"]
-    if {"tif", "input_x_gradient"} <= set(erm.method):
-        v1, d1 = _verdict(_per_seed(erm[erm.method == "tif"], "iou"),
-                          _per_seed(erm[erm.method == "input_x_gradient"], "iou"))
-        parts = [f"IoU vs. its base input_x_gradient {d1:+.3f} → {v1}"]
-        for ctrl in ("gradcam", "gradcam_thresholded"):
-            if ctrl in set(erm.method):
-                v, d = _verdict(_per_seed(erm[erm.method == "tif"], "iou"), _per_seed(erm[erm.method == ctrl], "iou"))
-                parts.append(f"vs. {ctrl} {d:+.3f} → {v}")
-        line("003", "; ".join(parts) + ".")
+        line("001", [cmp("false response for an absent class, HAF vs. Grad-CAM (ERM models)", "false_response",
+                         {"mode": "erm", "method": "haf"}, {"mode": "erm", "method": "gradcam"}, dwsol, higher=False),
+                     "detection AUROC HAF minus Grad-CAM per model (no CI: one split): "
+                     + (", ".join(f"{x:+.3f}" for x in det) or "not measured")])
+    if "tif" in erm_methods:
+        parts = []
+        for metric, label in (("pxap", "PxAP"), ("iou", "IoU")):
+            for ctrl in ("input_x_gradient", "gradcam", "gradcam_thresholded"):
+                if ctrl in erm_methods:
+                    parts.append(cmp(f"{label}, TIF vs. {ctrl} (ERM models)", metric, {"mode": "erm", "method": "tif"},
+                                     {"mode": "erm", "method": ctrl}))
+        line("003", parts)
     return lines
 
 
 # --- reproduction check: one RESULTS.md against another -------------------------------------------------
 
 _PM = re.compile(r"^\s*(-?\d+(?:\.\d+)?)\s*±\s*(\d+(?:\.\d+)?)\s*$")
-_VERDICTS = re.compile("→ (" + "|".join(map(re.escape, VERDICTS)) + ")")  # the phrases _verdict writes
+# the phrases Difference.text writes, and those of RESULTS.md files written before the bootstrap CIs (a mean
+# difference against the sum of the seeds' stds), so that an old reference can still be compared
+LEGACY_VERDICTS = ("within seed-to-seed noise: inconclusive", "not better (1 seed: no spread, inconclusive)",
+                   "better (1 seed: no spread, inconclusive)", "not supported")
+_VERDICTS = re.compile("→ (" + "|".join(map(re.escape, LEGACY_VERDICTS + stats.VERDICTS)) + ")")
 
 
 def mean_std_cells(markdown: str) -> dict[tuple[str, str, str], tuple[float, float]]:

@@ -13,14 +13,16 @@ from typing import Any
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import ingest_config
+from pipelines.common import THRESHOLDED, ingest_config
 
 log = logging.getLogger("xai.sweep")
 STAGE = "sweep"
+SWEEP_METRICS = ("pxap", "iou", "energy_pointing_game", "pointing_game", "gini", "deletion_auc")
 
 
 def alpha_trial(config: dict) -> None:
-    """One Tune trial: TIF maps with one alpha on the validation split; reports IoU/EPG/pointing/Gini."""
+    """One Tune trial: one thresholded method at one alpha on the validation split; reports the sweep's
+    localisation scores (PxAP, IoU, EPG, pointing game), Gini and deletion AUC: the alpha curves."""
     import ray.tune
     import torch
 
@@ -28,7 +30,7 @@ def alpha_trial(config: dict) -> None:
     from pipelines.config import Config
     from pipelines.evaluate import method_options
     from xai_core.attribution import explain
-    from xai_core.metrics import energy_pointing_game, gini, localisation_iou, pointing_game
+    from xai_core.metrics import deletion_auc, energy_pointing_game, gini, localisation_iou, pointing_game, pxap
 
     torch.set_num_threads(1)
     cfg = Config.model_validate(config["cfg"])
@@ -41,8 +43,10 @@ def alpha_trial(config: dict) -> None:
         maps = explain(model, x[i:i + 64], y[i:i + 64], method=config["method"],
                        **method_options(cfg, config["method"], config["alpha"])).detach()
         m = mask[i:i + 64]
-        for k, v in {"iou": localisation_iou(maps, m), "energy_pointing_game": energy_pointing_game(maps, m),
-                     "pointing_game": pointing_game(maps, m), "gini": gini(maps)}.items():
+        for k, v in {"pxap": pxap(maps, m), "iou": localisation_iou(maps, m),
+                     "energy_pointing_game": energy_pointing_game(maps, m), "pointing_game": pointing_game(maps, m),
+                     "gini": gini(maps), "deletion_auc": deletion_auc(model, x[i:i + 64], maps, y[i:i + 64],
+                                                                       n_steps=cfg.evaluate.deletion_steps)}.items():
             sums[k] = sums.get(k, 0.0) + float(torch.nansum(v))
     ray.tune.report({k: v / len(y) for k, v in sums.items()})
 
@@ -53,7 +57,8 @@ def config_hash(cfg: Any) -> str:
 
 def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict, tracker: Any,
         stage_run: str, plan: Any, force: bool = False, alphas: list[float] | None = None) -> tuple[dict, bool]:
-    """Sweep alpha for TIF and for the thresholded Grad-CAM control; returns (manifest, did_work)."""
+    """Sweep alpha for TIF and for the thresholded Grad-CAM control, each picking its own best alpha by
+    ``sweep.metric`` on the validation split; returns (manifest, did_work)."""
     import ray.tune
 
     from pipelines.common import model_key
@@ -68,7 +73,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     tuner = ray.tune.Tuner(
         trainable,
         param_space={"alpha": ray.tune.grid_search(list(alphas)),
-                     "method": ray.tune.grid_search(["tif", "gradcam_thresholded"]),
+                     "method": ray.tune.grid_search(list(THRESHOLDED)),
                      "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
                      "storage": store.args()},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
@@ -82,7 +87,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
             raise RuntimeError(f"sweep trial failed: {res.error}") from res.error
         c = res.config
         row = {"method": c["method"], "alpha": float(c["alpha"]),
-               **{k: float(res.metrics[k]) for k in ("iou", "energy_pointing_game", "pointing_game", "gini")}}
+               **{k: float(res.metrics[k]) for k in SWEEP_METRICS}}
         rows.append(row)
         run_id = tracker.find_or_create(f"sweep/{c['method']}/alpha={c['alpha']:g}",
                                         {"xai.stage": "sweep", "xai.trial": f"{c['method']}-{c['alpha']:g}"},
@@ -91,19 +96,22 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         tracker.log_metrics(run_id, {k: v for k, v in row.items() if k not in ("method", "alpha")})
         tracker.finish(run_id)
     rows.sort(key=lambda r: (r["method"], r["alpha"]))
-    tif_rows = [r for r in rows if r["method"] == "tif"]
-    best = max(tif_rows, key=lambda r: r[cfg.sweep.metric])
-    for r in tif_rows:  # the alpha curve, one MLflow step per alpha (x100)
-        tracker.log_metrics(stage_run, {f"tif_{cfg.sweep.metric}_by_alpha": r[cfg.sweep.metric]},
+    metric = cfg.sweep.metric
+    best = {m: max((r for r in rows if r["method"] == m), key=lambda r: r[metric]) for m in THRESHOLDED}
+    for r in rows:  # the alpha curves, one MLflow step per alpha (x100)
+        tracker.log_metrics(stage_run, {f"{r['method']}_{k}_by_alpha": r[k] for k in SWEEP_METRICS},
                             step=int(round(r["alpha"] * 100)))
-    tracker.log_metrics(stage_run, {"best_alpha": best["alpha"], f"best_{cfg.sweep.metric}": best[cfg.sweep.metric]})
-    store.write_json({"rows": rows, "best_alpha": best["alpha"], "metric": cfg.sweep.metric}, STAGE, "results.json")
+    best_alphas = {m: b["alpha"] for m, b in best.items()}
+    tracker.log_metrics(stage_run, {**{f"best_alpha_{m}": a for m, a in best_alphas.items()},
+                                    **{f"best_{metric}_{m}": b[metric] for m, b in best.items()}})
+    store.write_json({"rows": rows, "best_alpha": best_alphas["tif"], "best_alphas": best_alphas, "metric": metric},
+                     STAGE, "results.json")
     files = {"results": [f"{STAGE}/results.json"]}
     if cfg.sweep.train_mode:  # before the commit: the stage is done only when both sweeps are
         store.write_json(train_knob_sweep(cfg, store, ingest_manifest, tracker, stage_run, plan),
                          STAGE, "train_sweep.json")
         files["train_sweep"] = [f"{STAGE}/train_sweep.json"]
-    manifest = st.commit(store, STAGE, h, best_alpha=best["alpha"], metric=cfg.sweep.metric, files=files,
+    manifest = st.commit(store, STAGE, h, best_alphas=best_alphas, metric=metric, files=files,
                          rows={"trials": len(rows)})
     return manifest, True
 

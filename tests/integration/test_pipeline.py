@@ -1,6 +1,7 @@
 """The smoke pipeline on a local Ray, read back from storage and from the MLflow store."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,8 @@ def _evaluate_rows(store, split: str = "test") -> "object":
 def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke_run):
     """For 6 test images, every model's accuracy row and the metric rows of three methods, recomputed from
     the committed weights and the ingested images with xai_core alone: the true class explained (the images
-    include misclassified ones), TIF at the sweep's alpha, each column where its name says."""
+    include misclassified ones), TIF and thresholded Grad-CAM each at its own swept alpha, each column where its
+    name says."""
     from pipelines.config import ROOT, load_config
     from xai_core.attribution import explain
     from xai_core.metrics import (
@@ -146,13 +148,15 @@ def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke
         insertion_auc,
         localisation_iou,
         pointing_game,
+        pxap,
     )
 
     cfg = load_config(ROOT / "configs/smoke.yaml")
     store = smoke_run["store"]
     manifest = json.loads((store / "evaluate" / "_manifest.json").read_text())
-    best = json.loads((store / "sweep" / "results.json").read_text())["best_alpha"]
-    assert manifest["alpha"] == best  # evaluate ran TIF at the sweep's pick
+    picks = json.loads((store / "sweep" / "results.json").read_text())["best_alphas"]
+    assert manifest["alphas"] == picks  # evaluate ran each thresholded method at its own pick
+    best = picks["tif"]
     df = _evaluate_rows(store)
     data = _split(store, "test")
     evaluated = np.sort(df.idx.unique())
@@ -164,7 +168,8 @@ def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke
     mask = torch.from_numpy(data["mask"][pick]).bool()
     n = cfg.evaluate.deletion_steps
     other_alpha = next(a for a in cfg.sweep.alphas if a != best)
-    checks = {"erm_s0": {"gradcam": {}, "tif": {"base": cfg.evaluate.tif_base, "alpha": best}},
+    checks = {"erm_s0": {"gradcam": {}, "tif": {"base": cfg.evaluate.tif_base, "alpha": best},
+                         "gradcam_thresholded": {"alpha": picks["gradcam_thresholded"]}},
               "consistency_s0": {"gradcam": {}}, "scaat_s0": {"saliency": {}}}
     misclassified = 0
     for key, methods in checks.items():
@@ -174,9 +179,11 @@ def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke
         misclassified += int((pred != y).sum())
         acc = df[(df.model == key) & (df.method == "none")].set_index("idx").loc[idx]
         np.testing.assert_array_equal(acc.correct.to_numpy(), (pred == y).float().numpy())
+        np.testing.assert_array_equal(acc.label.to_numpy(), data["label"][pick])  # the groups' keys
+        np.testing.assert_array_equal(acc.background.to_numpy(), data["background"][pick])
         for method, opts in methods.items():
             maps = explain(model, x, y, method=method, **opts).detach()
-            expect = {"pointing_game": pointing_game(maps, mask),
+            expect = {"pxap": pxap(maps, mask), "pointing_game": pointing_game(maps, mask),
                       "energy_pointing_game": energy_pointing_game(maps, mask),
                       "iou": localisation_iou(maps, mask), "gini": gini(maps),
                       "deletion_auc": deletion_auc(model, x, maps, y, n_steps=n),
@@ -194,7 +201,7 @@ def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke
 def test_sweep_rows_recomputed_and_the_best_alpha_is_their_argmax(smoke_run):
     from pipelines.config import ROOT, load_config
     from xai_core.attribution import explain
-    from xai_core.metrics import energy_pointing_game, gini, localisation_iou
+    from xai_core.metrics import deletion_auc, energy_pointing_game, gini, localisation_iou, pxap
 
     cfg = load_config(ROOT / "configs/smoke.yaml")
     store = smoke_run["store"]
@@ -209,11 +216,15 @@ def test_sweep_rows_recomputed_and_the_best_alpha_is_their_argmax(smoke_run):
     for r in res["rows"]:
         opts = {"alpha": r["alpha"], **({"base": cfg.evaluate.tif_base} if r["method"] == "tif" else {})}
         maps = explain(model, x, y, method=r["method"], **opts).detach()
-        for col, v in {"iou": localisation_iou(maps, mask), "energy_pointing_game": energy_pointing_game(maps, mask),
-                       "gini": gini(maps)}.items():
+        for col, v in {"pxap": pxap(maps, mask), "iou": localisation_iou(maps, mask),
+                       "energy_pointing_game": energy_pointing_game(maps, mask), "gini": gini(maps),
+                       "deletion_auc": deletion_auc(model, x, maps, y, n_steps=cfg.evaluate.deletion_steps)}.items():
             assert r[col] == pytest.approx(float(torch.nansum(v)) / len(y), abs=1e-5), (r, col)
-    tif = sorted((r for r in res["rows"] if r["method"] == "tif"), key=lambda r: r["alpha"])
-    assert res["best_alpha"] == max(tif, key=lambda r: r[cfg.sweep.metric])["alpha"]
+    assert res["metric"] == cfg.sweep.metric == "pxap"  # the default objective: threshold-free
+    for method in ("tif", "gradcam_thresholded"):  # each method's own argmax (the first alpha on a tie)
+        curve = sorted((r for r in res["rows"] if r["method"] == method), key=lambda r: r["alpha"])
+        assert res["best_alphas"][method] == max(curve, key=lambda r: r["pxap"])["alpha"]
+    assert res["best_alpha"] == res["best_alphas"]["tif"]
 
 
 def test_logged_mlflow_model_computes_what_the_checkpoint_computes(smoke_run):
@@ -238,12 +249,18 @@ def test_results_md_cells_are_the_means_of_the_evaluate_rows(smoke_run):
     text = (smoke_run["store"] / "report" / "RESULTS.md").read_text()
     for method in ("gradcam", "tif", "saliency"):
         r = df[(df.model == "erm_s0") & (df.method == method)]
-        cells = " | ".join(f"{r[c].mean():.3f}" for c in ("iou", "energy_pointing_game", "pointing_game",
+        cells = " | ".join(f"{r[c].mean():.3f}" for c in ("pxap", "iou", "energy_pointing_game", "pointing_game",
                                                            "deletion_auc", "deletion_auc_random", "wsss_miou", "gini"))
         assert f"| {method} | {cells} |" in text, method
     acc = df[(df.method == "none") & (df["mode"] == "scaat")]
-    row = f"| scaat | {acc[acc.group == 0].correct.mean():.3f} | {acc[acc.group == 1].correct.mean():.3f} |"
+    row = (f"| scaat | {acc[acc.group == 0].correct.mean():.3f} | {acc[acc.group == 1].correct.mean():.3f} | "
+           f"{acc.correct.mean():.3f} | n/a |")  # no (class, background) group of the 16 images reaches 20
     assert row in text
+    # a claim line: TIF minus Grad-CAM PxAP, image by image on the ERM model, then its CI and verdict
+    erm = df[df.model == "erm_s0"]
+    d = (erm[erm.method == "tif"].set_index("idx").pxap - erm[erm.method == "gradcam"].set_index("idx").pxap).mean()
+    assert re.search(rf"PxAP, TIF vs\. gradcam \(ERM models\): {d:+.3f} \[95% CI [+-]\d\.\d{{3}}, [+-]\d\.\d{{3}}; "
+                     r"1 seed\(s\) x 16 images\] → (supported|contradicted|inconclusive)", text), text[-3000:]
 
 
 def test_rerun_does_no_work_and_says_so(smoke_copy, capsys):

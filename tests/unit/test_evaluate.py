@@ -30,7 +30,8 @@ def _setup(tmp_path, methods):
 
 
 def _rows(cfg, store, paths, batch, keys):
-    actor = EvalActor(cfg.model_dump(mode="json"), store.args(), {k: paths[k] for k in keys}, 0.5, "test")
+    actor = EvalActor(cfg.model_dump(mode="json"), store.args(), {k: paths[k] for k in keys},
+                      {"tif": 0.5, "gradcam_thresholded": 0.5}, "test")
     out = actor(batch)
     return {(m, meth): {c: out[c][(out["model"] == m) & (out["method"] == meth)] for c in out}
             for m in keys for meth in set(out["method"])}

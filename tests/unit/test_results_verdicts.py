@@ -1,71 +1,86 @@
-"""RESULTS.md's verdict rule (pipelines.results._verdict) in every branch, and the claim lines built from
-per-image rows: hand-made rows with known per-seed means, so each expected difference is computed here."""
+"""RESULTS.md's claim lines (pipelines.results) built from per-image rows: hand-made rows whose paired
+differences are known, so each expected difference, interval and verdict is computed here."""
+
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from pipelines import results
+from xai_core import stats
 
 
-def test_verdict_branches_with_several_seeds():
-    a, b = np.array([0.60, 0.62, 0.64]), np.array([0.40, 0.41, 0.42])  # stds 0.02 and 0.01
-    v, d = results._verdict(a, b)
-    assert v == results.SUPPORTED and d == pytest.approx(0.21)
-    v, d = results._verdict(b, a)
-    assert v == results.NOT_SUPPORTED and d == pytest.approx(-0.21)
-    # lower is better: a higher mean is a worse one, and the sign of the difference follows the direction
-    v, d = results._verdict(a, b, higher_is_better=False)
-    assert v == results.NOT_SUPPORTED and d == pytest.approx(-0.21)
-    v, d = results._verdict(b, a, higher_is_better=False)
-    assert v == results.SUPPORTED and d == pytest.approx(0.21)
-    # |diff| 0.02 <= 0.02 + 0.01: within the spread
-    v, d = results._verdict(np.array([0.41, 0.43, 0.45]), np.array([0.40, 0.41, 0.42]))
-    assert v == results.INCONCLUSIVE and d == pytest.approx(0.02)
-    # the rule is "difference > sum of the stds": at the spread exactly it is still inconclusive
-    v, _ = results._verdict(np.array([1.0, 2.0, 3.0]), np.array([0.0, 0.0, 0.0]))
-    assert v == results.SUPPORTED  # 2 > 1 + 0
-    v, _ = results._verdict(np.array([0.0, 1.0, 2.0]), np.array([0.0, 0.0, 0.0]))
-    assert v == results.INCONCLUSIVE  # 1 <= 1 + 0
-
-
-def test_verdict_one_seed_and_nothing_measured():
-    assert results._verdict(np.array([0.5]), np.array([0.4]))[0] == "better" + results.ONE_SEED
-    assert results._verdict(np.array([0.4]), np.array([0.5]))[0] == "not better" + results.ONE_SEED
-    assert results._verdict(np.array([0.4]), np.array([0.5]), higher_is_better=False)[0] == \
-        "better" + results.ONE_SEED
-    v, d = results._verdict(np.array([]), np.array([0.5, 0.6]))
-    assert v == results.NOT_MEASURED and np.isnan(d)
-
-
-def _rows(mode: str, seed: int, method: str, n: int, **cols: float) -> pd.DataFrame:
+def _rows(mode: str, seed: int, method: str, n: int, **cols) -> pd.DataFrame:
     return pd.DataFrame({"idx": np.arange(n), "group": np.arange(n) % 2, "mode": mode, "seed": seed,
-                         "method": method, "model": f"{mode}_s{seed}", **{k: np.full(n, v) for k, v in cols.items()}})
+                         "method": method, "model": f"{mode}_s{seed}",
+                         **{k: np.broadcast_to(v, n).astype(float) for k, v in cols.items()}})
 
 
-def test_claim_lines_from_per_image_rows():
-    """SCAAT (002): Gini clearly higher (supported), deletion AUC clearly higher = worse (not supported; the line
-    prints the raw difference, SCAAT minus ERM, beside "lower is better"),
-    accuracy within the spread (inconclusive); 000: consistency's conflicting accuracy clearly higher."""
+def _claims(n: int = 40) -> dict[str, str]:
+    """3 seeds x n images. SCAAT vs ERM: Gini +0.2 on every image (supported); deletion AUC +0.2, higher is
+    worse (contradicted); accuracy: the same number of right answers on other images (inconclusive).
+    Consistency: conflicting images all right, ERM's all wrong (supported)."""
+    rng = np.random.default_rng(0)
     parts = []
-    for seed, (g_erm, g_sc, d_erm, d_sc, acc_erm, acc_sc, conf_cons) in enumerate(
-            [(0.50, 0.70, 0.20, 0.40, 0.80, 0.81, 1.0), (0.51, 0.71, 0.21, 0.41, 0.82, 0.80, 1.0),
-             (0.52, 0.72, 0.22, 0.42, 0.84, 0.85, 1.0)]):
-        parts += [_rows("erm", seed, "saliency", 4, gini=g_erm, deletion_auc=d_erm),
-                  _rows("scaat", seed, "saliency", 4, gini=g_sc, deletion_auc=d_sc),
-                  _rows("erm", seed, "none", 4, correct=acc_erm),
-                  _rows("scaat", seed, "none", 4, correct=acc_sc),
-                  _rows("consistency", seed, "none", 4, correct=conf_cons),
-                  _rows("erm", seed, "gradcam", 4, energy_pointing_game=0.3 + 0.01 * seed),
-                  _rows("consistency", seed, "gradcam", 4, energy_pointing_game=0.3 + 0.01 * seed)]
+    for seed in range(3):
+        base = rng.uniform(0.3, 0.5, n)
+        erm_right = (np.arange(n) % 4 < 2).astype(float)
+        parts += [_rows("erm", seed, "saliency", n, gini=base, deletion_auc=base),
+                  _rows("scaat", seed, "saliency", n, gini=base + 0.2, deletion_auc=base + 0.2),
+                  _rows("erm", seed, "none", n, correct=erm_right * (np.arange(n) % 2 == 0)),
+                  _rows("scaat", seed, "none", n, correct=np.roll(erm_right * (np.arange(n) % 2 == 0), 2)),
+                  _rows("consistency", seed, "none", n, correct=np.arange(n) % 2 == 1),
+                  _rows("erm", seed, "gradcam", n, energy_pointing_game=base),
+                  _rows("consistency", seed, "gradcam", n, energy_pointing_game=base)]
     test = pd.concat(parts, ignore_index=True)
-    lines = {line[4:7]: line for line in results._claim_lines(test, None, {})}
-    assert lines["002"].endswith(
-        f"Saliency Gini +0.200 → {results.SUPPORTED}; deletion AUC +0.200 (lower is better) → "
-        f"{results.NOT_SUPPORTED}; accuracy {np.mean([0.81, 0.80, 0.85]) - np.mean([0.80, 0.82, 0.84]):+.3f} → "
-        f"{results.INCONCLUSIVE}.")
-    # erm's conflicting (group 1) accuracy per seed is its one value; consistency's is 1.0 with no spread
-    conf = 1.0 - np.mean([0.80, 0.82, 0.84])
-    assert lines["000"].endswith(f"Conflicting-group accuracy vs. ERM: {conf:+.3f} → {results.SUPPORTED}; "
-                                 f"Grad-CAM EPG: +0.000 → {results.INCONCLUSIVE}.")
+    return {line[4:7]: line for line in results._claim_lines(test, None, {})}
+
+
+def test_claim_lines_print_each_difference_with_its_ci_and_verdict():
+    lines = _claims()
     assert "001" not in lines and "003" not in lines  # not measured: no line claims anything
+    assert "saliency Gini, SCAAT vs. ERM: +0.200 [95% CI +0.200, +0.200; 3 seed(s) x 40 images] → supported" \
+        in lines["002"]
+    assert ("saliency deletion AUC, SCAAT vs. ERM: +0.200 [95% CI +0.200, +0.200; 3 seed(s) x 40 images, "
+            "lower is better] → contradicted") in lines["002"]
+    acc = re.search(r"accuracy, SCAAT vs\. ERM: ([+-]\d\.\d+) \[95% CI ([+-]\d\.\d+), ([+-]\d\.\d+);", lines["002"])
+    assert float(acc.group(1)) == 0.0 and float(acc.group(2)) < 0 < float(acc.group(3))
+    assert lines["002"].endswith("→ inconclusive.")
+    # conflicting group (odd idx): consistency right on all, ERM on none
+    assert "conflicting-group accuracy, consistency vs. ERM: +1.000 [95% CI +1.000, +1.000; 3 seed(s) x 20 images]" \
+        " → supported" in lines["000"]
+    assert "Grad-CAM EPG, consistency vs. ERM: +0.000 [95% CI +0.000, +0.000" in lines["000"]
+    assert results.claim_verdicts("\n".join(lines.values())) == {
+        "000": ["supported", "inconclusive", "inconclusive"],
+        "002": ["supported", "contradicted", "inconclusive"]}
+
+
+def test_paired_uses_only_the_cells_both_were_measured_on():
+    a = pd.concat([_rows("scaat", s, "saliency", 6, gini=1.0) for s in (0, 1)])
+    b = pd.concat([_rows("erm", s, "saliency", 4, gini=0.5) for s in (1, 2)])  # seed 1, images 0-3 in both
+    res = results.paired(pd.concat([a, b]), "gini", {"mode": "scaat"}, {"mode": "erm"})
+    assert (res.diff, res.n_seeds, res.n_items, res.verdict) == (0.5, 1, 4, stats.SUPPORTED)
+    none = results.paired(a, "gini", {"mode": "scaat"}, {"mode": "erm"})
+    assert none.verdict == stats.NOT_MEASURED and none.text() == "→ not measured"
+
+
+def test_the_interval_resamples_seeds_too():
+    """Seed 0 gains +0.3 on every image, seed 1 loses 0.1: one seed's images alone give a zero-width CI;
+    resampling seeds spreads it over [-0.1, +0.3]."""
+    df = pd.concat([_rows("scaat", 0, "saliency", 30, gini=0.8), _rows("erm", 0, "saliency", 30, gini=0.5),
+                    _rows("scaat", 1, "saliency", 30, gini=0.4), _rows("erm", 1, "saliency", 30, gini=0.5)])
+    res = results.paired(df, "gini", {"mode": "scaat"}, {"mode": "erm"})
+    assert res.diff == pytest.approx(0.1) and res.low == pytest.approx(-0.1) and res.high == pytest.approx(0.3)
+    assert res.verdict == stats.INCONCLUSIVE
+
+
+def test_worst_group_is_over_class_background_groups_with_enough_images():
+    # class 0 on background 0: 20 images, 10 right; class 1 on background 1: 25 images, all right;
+    # class 2 on background 0: 5 images, none right (too few to count)
+    label = np.array([0] * 20 + [1] * 25 + [2] * 5)
+    bg = np.array([0] * 20 + [1] * 25 + [0] * 5)
+    correct = np.r_[np.arange(20) % 2, np.ones(25), np.zeros(5)]
+    acc = pd.DataFrame({"seed": 0, "label": label, "background": bg, "correct": correct})
+    assert results._worst_group(acc, 6).tolist() == [0.5]
+    assert results._worst_group(acc.assign(background=-1), 6).size == 0  # data without backgrounds

@@ -4,6 +4,7 @@ from xai_core.metrics.complexity import gini
 from xai_core.metrics.detection import adversarial_examples, auroc, detection_auroc, train_detector
 from xai_core.metrics.dwsol import dwsol, false_response
 from xai_core.metrics.faithfulness import deletion_auc, insertion_auc
+from xai_core.metrics.groups import group_accuracy
 from xai_core.metrics.localisation import (
     energy_pointing_game,
     localisation_iou,
@@ -13,21 +14,27 @@ from xai_core.metrics.localisation import (
     wsss_miou,
 )
 from xai_core.metrics.sanity import model_randomisation, spearman
+from xai_core.metrics.wsol import best_threshold, dataset_pxap, iou_at, pxap
 
 __all__ = [
     "adversarial_examples",
     "auroc",
+    "best_threshold",
+    "dataset_pxap",
     "deletion_auc",
     "detection_auroc",
     "dwsol",
     "energy_pointing_game",
     "false_response",
     "gini",
+    "group_accuracy",
     "insertion_auc",
+    "iou_at",
     "localisation_iou",
     "model_randomisation",
     "pointing_game",
     "pseudo_masks",
+    "pxap",
     "spearman",
     "train_detector",
     "wsol_top1_loc",
