@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("ingest", "train", "sweep", "evaluate", "report")
 MODES = ("erm", "consistency", "scaat")
 EVAL_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradcam",
-                "gradcam_pp", "layercam", "gradcam_thresholded", "tif", "haf")
+                "gradcam_pp", "layercam", "gradcam_thresholded", "tif", "haf",
+                # ablations and controls (pipelines/evaluate.py VARIANTS, METHODS §2-3)
+                "tif_fusion_only", "tif_one_layer", "tif_uniform", "tif_base_fused", "gradcam_fused",
+                "haf_one_sided")
 
 
 class ConfigError(ValueError):

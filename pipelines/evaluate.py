@@ -22,30 +22,82 @@ log = logging.getLogger("xai.evaluate")
 STAGE = "evaluate"
 
 
-def method_options(cfg: Any, method: str, alpha: float, seed: int = 0) -> dict[str, Any]:
-    """explain() options of a method under this config (one place for the evaluate and report stages)."""
+# Ablations and controls, evaluated like methods (METHODS §2, §3): name -> (xai_core method, options). "tif
+# layers" are TIF's layers (model.layers, else the model's default_layers); a variant of tif at TIF's alpha
+# reads alphas["tif"], the others fix their own.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "tif_fusion_only": ("tif", {"alpha": 0.0}),  # no interception: multi-layer fusion alone
+    "tif_one_layer": ("tif", {"layers": "last"}),  # interception alone: the last of TIF's layers
+    "tif_uniform": ("tif", {"weights": "uniform"}),  # neurons summed without Grad-CAM weights
+    "tif_base_fused": ("tif", {"alpha": 0.0, "weights": "uniform"}),  # TIF's base itself at the same layers
+    "gradcam_fused": ("gradcam", {"layers": "tif"}),  # fusion control: Grad-CAM over TIF's layers, summed
+    "haf_one_sided": ("haf", {"preserve": "one_sided"}),  # METHODS §3's second reading of preservation
+}
+DETECTION_METHODS = ("haf", "haf_one_sided", "gradcam", "saliency")  # maps the detector learns from (§3b)
+# xai_core methods whose maps are rescaled per map (or per layer) unless normalize=False
+NORMALIZED = ("tif", "haf", "gradcam", "gradcam_pp", "layercam", "gradcam_thresholded")
+
+
+def base_method(method: str) -> str:
+    """The xai_core method behind an evaluated method or variant."""
+    return VARIANTS[method][0] if method in VARIANTS else method
+
+
+def method_options(cfg: Any, method: str, alpha: float, seed: int = 0, model: torch.nn.Module | None = None,
+                   raw: bool = False) -> dict[str, Any]:
+    """explain() options of a method or variant under this config (one place for evaluate, sweep and report).
+
+    ``raw``: no per-map normalisation (D-WSOL compares one image's maps for several classes on one scale).
+    ``model`` resolves the layers of variants over TIF's layers (when model.layers is not configured)."""
     e = cfg.evaluate
     layers = cfg.model.layers
-    if method == "integrated_gradients":
-        return {"n_steps": e.ig_steps, "internal_batch_size": 1024}
-    if method == "smoothgrad":
-        return {"n_samples": e.smoothgrad_samples, "generator": torch.Generator().manual_seed(seed),
+    base, extra = VARIANTS.get(method, (method, {}))
+    extra = dict(extra)
+    if extra.get("layers") in ("tif", "last"):
+        tif_layers = list(layers or getattr(model, "default_layers", None) or [])
+        if not tif_layers:
+            raise ValueError(f"method {method!r} needs TIF's layers: set model.layers or use a model with "
+                             "default_layers")
+        extra["layers"] = tif_layers[-1:] if extra["layers"] == "last" else tif_layers
+    if base == "integrated_gradients":
+        opts: dict[str, Any] = {"n_steps": e.ig_steps, "internal_batch_size": 1024}
+    elif base == "smoothgrad":
+        opts = {"n_samples": e.smoothgrad_samples, "generator": torch.Generator().manual_seed(seed),
                 "internal_batch_size": 1024}
-    if method == "tif":
-        return {"base": e.tif_base, "alpha": alpha, **({"layers": layers} if layers else {})}
-    if method == "gradcam_thresholded":
-        return {"alpha": alpha}
-    if method == "haf":
-        return {"steps": e.haf_steps, **({"layers": layers[-2:]} if layers else {})}
-    return {}
+    elif base == "tif":
+        opts = {"base": e.tif_base, "alpha": alpha, **({"layers": layers} if layers else {})}
+    elif base == "gradcam_thresholded":
+        opts = {"alpha": alpha}
+    elif base == "haf":
+        opts = {"steps": e.haf_steps, **({"layers": layers[-2:]} if layers else {})}
+    else:
+        opts = {}
+    opts.update(extra)
+    if raw and base in NORMALIZED:
+        opts["normalize"] = False
+    return opts
 
 
-def explain_fn(cfg: Any, method: str, alpha: float, seed: int = 0) -> Any:
+def explain_fn(cfg: Any, method: str, alpha: float, seed: int = 0, raw: bool = False) -> Any:
     from xai_core.attribution import explain
 
     def fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return explain(model, x, target, method=method, **method_options(cfg, method, alpha, seed)).detach()
+        opts = method_options(cfg, method, alpha, seed, model=model, raw=raw)
+        return explain(model, x, target, method=base_method(method), **opts).detach()
     return fn
+
+
+def draw_absent(idx: np.ndarray, label_a: np.ndarray, label_b: np.ndarray, background: np.ndarray,
+                num_classes: int) -> np.ndarray:
+    """D-WSOL's absent class per image, drawn (seeded by the image's idx) among the classes present neither
+    as an object nor as the background (class k's background family is k, METHODS §7); with too few classes
+    for that, among those that are not an object."""
+    out = np.empty(len(idx), np.int64)
+    for i, (n, a, b, bg) in enumerate(zip(idx, label_a, label_b, background)):
+        free = [c for c in range(num_classes) if c not in (a, b, bg)] or [c for c in range(num_classes)
+                                                                         if c not in (a, b)]
+        out[i] = np.random.default_rng([int(n), 2020]).choice(free)
+    return out
 
 
 def draw_generator(first_idx: int, model_key: str, purpose: str) -> torch.Generator:
@@ -142,12 +194,19 @@ class EvalActor:
         from xai_core.metrics.dwsol import dwsol
 
         t = to_tensors(batch, self.device)
+        n = len(batch["idx"])
+        absent = draw_absent(batch["idx"], batch["label"], batch["label2"], batch.get("background", np.full(n, -1)),
+                             self.cfg.data.num_classes)
         out = []
         for key, model in self.models.items():
             for method in self.cfg.evaluate.methods:
+                # raw maps: the three query classes of an image on one scale (METHODS §3)
+                fn = explain_fn(self.cfg, method, alpha_of(self.alphas, method), raw=True)
                 res = dwsol(model, t["image"], t["label"].long(), t["label2"].long(), t["mask"].bool(),
-                            t["mask2"].bool(), explain_fn(self.cfg, method, alpha_of(self.alphas, method)))
-                out.append(self._rows(batch, key, method, {k: v for k, v in res.items()}))
+                            t["mask2"].bool(), fn, absent=torch.from_numpy(absent).to(self.device))
+                rows = self._rows(batch, key, method, {k: v for k, v in res.items()})
+                rows["absent"] = absent
+                out.append(rows)
         return _concat(out)
 
 
@@ -225,7 +284,7 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
     """Adversarial detection AUROC (§3b) from HAF, Grad-CAM and saliency maps; model randomisation (§6)."""
     from pipelines.common import load_model, to_tensors
     from xai_core.metrics import model_randomisation
-    from xai_core.metrics.detection import detection_auroc
+    from xai_core.metrics.detection import detection_cv
 
     e = cfg.evaluate
     out: dict[str, dict] = {}
@@ -238,13 +297,17 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
         model = load_model(cfg, store.read_bytes(path), path)
         res: dict[str, float] = {}
         if e.detection_images:
+            # METHODS §3b, 5-fold cross-validated: only images right when clean and flipped by the attack
             x, y = data["image"][: e.detection_images], data["label"][: e.detection_images].long()
-            for method in ("haf", "gradcam", "saliency"):
-                if method in e.methods:
-                    d = detection_auroc(model, x, y, explain_fn(cfg, method, alpha_of(alphas, method)), eps=8 / 255,
-                                        steps=e.pgd_steps, seed=0)
-                    res[f"detection_auroc_{method}"] = float(d["auroc"])
-                    res["attack_success"] = float(d["attack_success"])
+            for eps in e.pgd_eps:
+                tag = f"eps{round(eps * 255)}"
+                for method in [m for m in DETECTION_METHODS if m in e.methods]:
+                    d = detection_cv(model, x, y, explain_fn(cfg, method, alpha_of(alphas, method)), eps=eps,
+                                     steps=e.pgd_steps, folds=5, seed=0)
+                    for k in ("auroc", "low", "high"):
+                        res[f"detection_{k}_{method}_{tag}"] = float(d[k])
+                    res[f"detection_images_{tag}"] = float(d["n_images"])
+                    res[f"attack_success_{tag}"] = float(d["attack_success"])
         if e.randomisation_images:
             x, y = data["image"][: e.randomisation_images], data["label"][: e.randomisation_images].long()
             for method in [m for m in ("gradcam", "saliency", "tif", "haf") if m in e.methods]:

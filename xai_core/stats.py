@@ -34,13 +34,15 @@ class Difference:
     confidence: float
     higher_is_better: bool
     verdict: str
+    statistic: str = "mean"
 
     def text(self, digits: int = 3) -> str:
         """'+0.012 [95% CI -0.003, +0.027] → inconclusive' (lower is better noted)."""
         if self.verdict == NOT_MEASURED:
             return f"→ {NOT_MEASURED}"
         f = f"{{:+.{digits}f}}"
-        note = ", lower is better" if not self.higher_is_better else ""
+        note = (", lower is better" if not self.higher_is_better else "") + (
+            ", median of the paired differences" if self.statistic == "median" else "")
         return (f"{f.format(self.diff)} [{self.confidence:.0%} CI {f.format(self.low)}, {f.format(self.high)}; "
                 f"{self.n_seeds} seed(s) x {self.n_items} images{note}] → {self.verdict}")
 
@@ -90,12 +92,39 @@ def bootstrap_means(d: np.ndarray, *, n_resamples: int = 2000, seed: int = 0, ch
     return out
 
 
+def bootstrap_medians(d: np.ndarray, *, n_resamples: int = 2000, seed: int = 0, chunk: int = 256) -> np.ndarray:
+    """[n_resamples] medians of the non-NaN cells of d [S, N] over resampled seeds and images (the same
+    draws as bootstrap_means): each cell weighs (draws of its seed) x (draws of its image); the lower
+    weighted median (the first sorted value whose cumulative weight reaches half)."""
+    d = _as_grid(d, "d")
+    s, n = d.shape
+    si, ii = np.nonzero(~np.isnan(d))
+    vals = d[si, ii]
+    order = np.argsort(vals, kind="stable")
+    vals, si, ii = vals[order], si[order], ii[order]
+    rng = np.random.default_rng(seed)
+    out = np.empty(n_resamples)
+    for start in range(0, n_resamples, chunk):
+        r = min(chunk, n_resamples - start)
+        c = np.stack([np.bincount(rng.integers(0, s, s), minlength=s) for _ in range(r)]).astype(np.float64)
+        k = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(r)]).astype(np.float64)
+        w = c[:, si] * k[:, ii]  # [r, cells]
+        cum = w.cumsum(1)
+        total = cum[:, -1:] if cum.shape[1] else np.zeros((r, 1))
+        at = (cum >= total / 2).argmax(1)
+        out[start:start + r] = np.where(total[:, 0] > 0, vals[at] if len(vals) else np.nan, np.nan)
+    return out
+
+
 def paired_difference(a: np.ndarray, b: np.ndarray, *, higher_is_better: bool = True, n_resamples: int = 2000,
-                      confidence: float = 0.95, seed: int = 0) -> Difference:
-    """mean(A - B) with a paired bootstrap CI; a and b are [N] (one seed) or [S, N] on the same cells.
+                      confidence: float = 0.95, seed: int = 0, statistic: str = "mean") -> Difference:
+    """mean (or median) of A - B with a paired bootstrap CI; a and b are [N] (one seed) or [S, N] on the
+    same cells. The median suits heavy-tailed per-image values (a ratio whose denominator can be near 0).
 
     A cell that is NaN in either array is left out of both (e.g. a pointing game with an empty mask).
     """
+    if statistic not in ("mean", "median"):
+        raise ValueError(f"statistic={statistic!r} is not allowed: use 'mean' or 'median'")
     a, b = _as_grid(a, "a"), _as_grid(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"a {a.shape} and b {b.shape} must be paired cell for cell (seeds x images)")
@@ -106,13 +135,14 @@ def paired_difference(a: np.ndarray, b: np.ndarray, *, higher_is_better: bool = 
     d = d[:, keep]
     if d.size == 0 or np.all(np.isnan(d)):
         nan = float("nan")
-        return Difference(nan, nan, nan, a.shape[0], 0, confidence, higher_is_better, NOT_MEASURED)
-    means = bootstrap_means(d, n_resamples=n_resamples, seed=seed)
+        return Difference(nan, nan, nan, a.shape[0], 0, confidence, higher_is_better, NOT_MEASURED, statistic)
+    draws = (bootstrap_means if statistic == "mean" else bootstrap_medians)(d, n_resamples=n_resamples, seed=seed)
     tail = (1 - confidence) / 2
-    low, high = (float(q) for q in np.nanquantile(means, [tail, 1 - tail]))
-    return Difference(float(np.nanmean(d)), low, high, d.shape[0], d.shape[1], confidence, higher_is_better,
-                      verdict(low, high, higher_is_better))
+    low, high = (float(q) for q in np.nanquantile(draws, [tail, 1 - tail]))
+    point = np.nanmean(d) if statistic == "mean" else np.nanmedian(d)
+    return Difference(float(point), low, high, d.shape[0], d.shape[1], confidence, higher_is_better,
+                      verdict(low, high, higher_is_better), statistic)
 
 
 __all__ = ["CONTRADICTED", "Difference", "INCONCLUSIVE", "NOT_MEASURED", "SUPPORTED", "VERDICTS",
-           "bootstrap_means", "paired_difference", "verdict"]
+           "bootstrap_means", "bootstrap_medians", "paired_difference", "verdict"]

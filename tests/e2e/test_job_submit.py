@@ -93,6 +93,16 @@ def cluster(tmp_path):
         kill_processes_with_env(f"{key}={value}")
 
 
+def _json_list(text: str) -> list:
+    """`ray list ... --format json` output; [] while the state API is still starting and answers with a
+    message instead (seen once: exit status 0, a non-JSON stdout)."""
+    try:
+        out = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return out if isinstance(out, list) else []
+
+
 def test_ray_job_submit_to_two_nodes_scaat_on_two_spread_workers(cluster, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -113,7 +123,7 @@ def test_ray_job_submit_to_two_nodes_scaat_on_two_spread_workers(cluster, tmp_pa
         nodes = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address,
                                 "--filter", "state=ALIVE", "--format", "json"],
                                env=env, capture_output=True, text=True, timeout=60)
-        if nodes.returncode == 0 and len(json.loads(nodes.stdout or "[]")) == 2:
+        if nodes.returncode == 0 and len(_json_list(nodes.stdout)) == 2:
             break
         assert time.time() < deadline, nodes.stdout + nodes.stderr + (tmp_path / "node2.log").read_text()[-2000:]
         time.sleep(2)

@@ -12,6 +12,7 @@ from xai_core.metrics.detection import (
     adversarial_examples,
     auroc,
     detection_auroc,
+    detection_cv,
     detector_scores,
     train_detector,
 )
@@ -161,3 +162,38 @@ def test_detection_auroc_end_to_end():
     sal = detection_auroc(model, x, y, lambda m, xx, t: explain(m, xx, t, method="saliency"),
                           steps=2, epochs=2, train_fraction=0.25, seed=1)
     assert 0.0 <= sal["auroc"] <= 1.0 and sal["n_train"] == 8 and sal["n_test"] == 24
+
+
+def test_detection_cv_uses_only_correct_images_the_attack_flips():
+    """The images kept are those right when clean and wrong after the attack (recomputed here with the same
+    seeded attack); the maps are asked for exactly those, clean ones for the true class and adversarial ones
+    for the attacked prediction; an off-grid map separates them perfectly in every fold. (A linear model: the
+    attack flips many of its decisions; a random TinyCNN's pooled logits barely move.)"""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 4)).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(1, 4, (64, 3, 16, 16), generator=g).float() / 4
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::3] = (y[::3] + 1) % 4  # a third misclassified when clean
+    adv = adversarial_examples(model, x, y, eps=0.1, steps=5, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        pred_adv = model(adv).argmax(1)
+    keep = (torch.arange(64) % 3 != 0) & (pred_adv != y)
+    calls = []
+
+    def off_grid(m, xx, t):
+        calls.append((xx.clone(), t.clone()))
+        return (xx - (xx * 4).round() / 4).abs().sum(1)
+
+    out = detection_cv(model, x, y, off_grid, eps=0.1, steps=5, folds=3, epochs=20, seed=7, n_resamples=200)
+    assert out["n_correct"] == 42 and out["n_images"] == int(keep.sum()) >= 3
+    assert out["attack_success"] == pytest.approx(int(keep.sum()) / 42)
+    (xc, tc), (xa, ta) = calls
+    assert torch.equal(xc, x[keep]) and torch.equal(tc, y[keep])
+    assert torch.equal(xa, adv[keep]) and torch.equal(ta, pred_adv[keep])
+    assert out["auroc"] > 0.9 and out["low"] <= out["auroc"] <= out["high"] <= 1.0 and out["low"] < 1.0
+    few = detection_cv(model, x[:4], y[:4], off_grid, steps=2, folds=5, n_resamples=10)
+    assert math.isnan(few["auroc"]) and few["n_images"] < 5
+    with pytest.raises(ValueError, match="folds=1"):
+        detection_cv(model, x, y, off_grid, folds=1)

@@ -63,3 +63,54 @@ def test_draw_generator_is_a_pure_function_of_batch_model_and_purpose(args):
     assert torch.equal(a, torch.rand(5, generator=draw_generator(*args)))
     for changed in [(first + 1, key, purpose), (first, key + "x", purpose), (first, key, purpose + "x")]:
         assert not torch.equal(a, torch.rand(5, generator=draw_generator(*changed)))
+
+
+def test_variants_are_their_method_with_the_stated_options():
+    """Each ablation/control row computes what its name says: the same maps as xai_core called with the
+    options written out here by hand (TIF's layers are the model's default_layers: smoke sets no layers)."""
+    from pipelines.common import alpha_of
+    from pipelines.evaluate import explain_fn
+    from xai_core.attribution import explain
+
+    cfg = _cfg(["tif"])
+    torch.manual_seed(0)
+    model = make_model(cfg).eval()
+    x = torch.rand(3, 3, cfg.data.size, cfg.data.size)
+    y = torch.tensor([0, 1, 2])
+    layers = model.default_layers
+    alphas = {"tif": 0.5, "gradcam_thresholded": 0.25}
+    base = {"base": cfg.evaluate.tif_base}
+    want = {
+        "tif_fusion_only": ("tif", {**base, "alpha": 0.0}),
+        "tif_one_layer": ("tif", {**base, "alpha": 0.5, "layers": layers[-1:]}),
+        "tif_uniform": ("tif", {**base, "alpha": 0.5, "weights": "uniform"}),
+        "tif_base_fused": ("tif", {**base, "alpha": 0.0, "weights": "uniform"}),
+        "gradcam_fused": ("gradcam", {"layers": layers}),
+        "haf_one_sided": ("haf", {"steps": cfg.evaluate.haf_steps, "preserve": "one_sided"}),
+    }
+    for name, (method, opts) in want.items():
+        got = explain_fn(cfg, name, alpha_of(alphas, name))(model, x, y)
+        torch.testing.assert_close(got, explain(model, x, y, method=method, **opts), msg=name)
+    # the variants differ from the method itself (the check could not pass with the options ignored)
+    tif = explain(model, x, y, method="tif", **base, alpha=0.5)
+    for name in ("tif_fusion_only", "tif_one_layer", "tif_uniform"):
+        assert not torch.allclose(explain_fn(cfg, name, alpha_of(alphas, name))(model, x, y), tif), name
+    # D-WSOL's raw maps: the same methods without per-map / per-layer normalisation
+    raw = explain_fn(cfg, "gradcam_fused", 0.0, raw=True)(model, x, y)
+    torch.testing.assert_close(raw, explain(model, x, y, method="gradcam", layers=layers, normalize=False))
+    assert not torch.allclose(raw, explain(model, x, y, method="gradcam", layers=layers))
+
+
+def test_absent_class_is_drawn_among_classes_neither_object_nor_background():
+    from pipelines.evaluate import draw_absent
+
+    idx = np.arange(200)
+    a, b, bg = idx % 6, (idx + 1) % 6, (idx + 3) % 6
+    c = draw_absent(idx, a, b, bg, 6)
+    assert not np.any((c == a) | (c == b) | (c == bg))
+    assert set(c.tolist()) == {0, 1, 2, 3, 4, 5}  # drawn, not one fixed choice
+    assert np.array_equal(c, draw_absent(idx, a, b, bg, 6))  # seeded by the image
+    assert np.array_equal(draw_absent(idx[5:9], a[5:9], b[5:9], bg[5:9], 6), c[5:9])  # whatever the batch
+    # three classes: only one is not an object, background or not
+    three = draw_absent(np.arange(3), np.array([0, 1, 2]), np.array([1, 2, 0]), np.array([2, 0, 1]), 3)
+    assert three.tolist() == [2, 0, 1]

@@ -85,6 +85,39 @@ def test_unused_channel_mask_goes_to_zero():
     assert bool((pres < 0.05).all())
 
 
+def test_one_sided_preservation_drops_features_that_only_argue_against_the_class():
+    """Class 1 has only negative evidence (weight -10 on channel 0). Two-sided, its masks must keep channel 0
+    to hold the logit at -10; one-sided, removing it RAISES the logit (to 0), so nothing needs keeping and
+    every mask goes to 0, and the raw HAF map is empty. Class 0 (positive evidence) is kept either way."""
+    class OneChannel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 1, 1, bias=False)
+            self.fc = nn.Linear(1, 2, bias=False)
+            with torch.no_grad():
+                self.conv.weight.fill_(1.0)
+                self.fc.weight.copy_(torch.tensor([[10.0], [-10.0]]))
+
+        def forward(self, x):
+            return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+    model, x, t = OneChannel(), torch.ones(2, 1, 4, 4), torch.tensor([0, 1])
+    kw = {"layers": ["conv"], "steps": 40, "lr": 0.1, "lam": 0.01}
+    two, pres2 = learn_masks(model, x, t, **kw)
+    one, pres1 = learn_masks(model, x, t, preserve="one_sided", **kw)
+    assert bool((two["conv"] > 0.9).all()) and bool((pres2 < 0.05).all())  # both classes kept, two-sided
+    assert bool((one["conv"][0] > 0.9).all())  # class 0: a lower mask lowers its logit, so it is kept
+    assert torch.equal(one["conv"][1], torch.zeros(1, 4, 4)) and pres1[1].item() == 0.0  # class 1: dropped
+    raw = haf(model, x, t, preserve="one_sided", normalize=False, **kw)
+    assert torch.equal(raw[1], torch.zeros(4, 4)) and bool((raw[0] > 0.9).all())
+    # the kept preservation value is relu(f_c(x) - f_c(x; M))^2, recomputed with the masks applied by hand
+    out = model.fc((model.conv(x) * one["conv"]).mean(dim=(2, 3))).gather(1, t[:, None]).squeeze(1)
+    ref = model(x).gather(1, t[:, None]).squeeze(1)
+    torch.testing.assert_close(pres1, (ref - out).clamp_min(0).detach() ** 2)
+    with pytest.raises(ValueError, match="preserve='both' is not allowed: use one of two_sided, one_sided"):
+        learn_masks(model, x, t, layers=["conv"], preserve="both")
+
+
 def test_haf_leaves_model_untouched():
     from xai_core.models import SmallResNet
 
@@ -281,6 +314,7 @@ def test_haf_fused_map_is_the_mean_of_the_normalised_upsampled_layer_masks(shape
     layers = ["layer2", "layer3"]
     masks, _ = learn_masks(model, x, y, layers=layers, steps=30)
     heat = haf(model, x, y, layers=layers, steps=30)
+    heat_raw = haf(model, x, y, layers=layers, steps=30, normalize=False)
     size = x.shape[-2:]
     varied = 0
     for i in range(len(x)):
@@ -293,4 +327,6 @@ def test_haf_fused_map_is_the_mean_of_the_normalised_upsampled_layer_masks(shape
             varied += not flat
             per_layer.append(np.zeros_like(m) if flat else (m - m.min()) / (m.max() - m.min()))
         np.testing.assert_allclose(heat[i].numpy(), sum(per_layer) / len(layers), rtol=1e-4, atol=1e-5)
+        raw = sum(_bilinear_plain(masks[n][i].mean(0).double().numpy(), *size) for n in layers) / len(layers)
+        np.testing.assert_allclose(heat_raw[i].numpy(), raw, rtol=1e-4, atol=1e-6)  # normalize=False
     assert varied >= len(x)  # masks that vary over the image: the general case of the normalisation ran

@@ -84,3 +84,28 @@ def test_worst_group_is_over_class_background_groups_with_enough_images():
     acc = pd.DataFrame({"seed": 0, "label": label, "background": bg, "correct": correct})
     assert results._worst_group(acc, 6).tolist() == [0.5]
     assert results._worst_group(acc.assign(background=-1), 6).size == 0  # data without backgrounds
+
+
+def test_tif_and_haf_lines_name_every_comparator():
+    """003: TIF's PxAP against each control present (TIF +0.1 over tif_fusion_only on every image: supported;
+    equal to gradcam: inconclusive). 001: medians of the paired false-response differences (HAF one image
+    with a huge ratio, the rest 0.2 below Grad-CAM: the median says supported), and the detection AUROCs."""
+    n = 30
+    base = np.linspace(0.2, 0.6, n)
+    test = pd.concat([_rows("erm", 0, "tif", n, pxap=base + 0.1, energy_pointing_game=base),
+                      _rows("erm", 0, "tif_fusion_only", n, pxap=base, energy_pointing_game=base + 0.05),
+                      _rows("erm", 0, "gradcam", n, pxap=base + 0.1), _rows("erm", 0, "none", n, correct=1.0)])
+    fr = np.full(n, 0.3)
+    fr[0] = 50.0
+    dwsol = pd.concat([_rows("erm", 0, "haf", n, false_response=fr),
+                       _rows("erm", 0, "gradcam", n, false_response=np.full(n, 0.5))])
+    summary = {"erm_s0": {"detection_auroc_haf_eps8": 0.75, "detection_low_haf_eps8": 0.6,
+                          "detection_high_haf_eps8": 0.9, "detection_images_eps8": 40.0}}
+    lines = {line[4:7]: line for line in results._claim_lines(test, dwsol, summary)}
+    assert ("PxAP, TIF vs. tif_fusion_only (ERM models): +0.100 [95% CI +0.100, +0.100; 1 seed(s) x 30 images] "
+            "→ supported") in lines["003"]
+    assert "PxAP, TIF vs. gradcam (ERM models): +0.000 [95% CI +0.000, +0.000" in lines["003"]
+    assert "EPG, TIF vs. tif_fusion_only: -0.050 [95% CI -0.050, -0.050" in lines["003"]
+    assert ("false response, haf vs. gradcam: -0.200 [95% CI -0.200, -0.200; 1 seed(s) x 30 images, lower is better, "
+            "median of the paired differences] → supported") in lines["001"]
+    assert "erm_s0 at 8/255 (40 images): haf 0.750 [0.600, 0.900]" in lines["001"]

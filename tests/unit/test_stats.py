@@ -92,3 +92,34 @@ def test_unpaired_shapes_are_refused():
         stats.paired_difference(np.zeros((2, 5)), np.zeros((3, 5)))
     with pytest.raises(ValueError, match=r"\[images\] or \[seeds, images\]"):
         stats.paired_difference(np.zeros((2, 2, 2)), np.zeros((2, 2, 2)))
+
+
+def test_bootstrap_medians_match_the_enumerated_lower_weighted_median():
+    """2 seeds x 2 images again: every equally likely draw's lower weighted median, computed by listing the
+    drawn cells and taking the lower middle one."""
+    d = np.array([[0.0, 1.0], [2.0, 4.0]])
+    exact: dict[float, float] = {}
+    for ss in itertools.product(range(2), repeat=2):
+        for ii in itertools.product(range(2), repeat=2):
+            cells = sorted(d[s, i] for s in ss for i in ii)
+            m = cells[(len(cells) - 1) // 2]
+            exact[m] = exact.get(m, 0.0) + 1 / 16
+    meds = stats.bootstrap_medians(d, n_resamples=40000, seed=0)
+    values, counts = np.unique(meds, return_counts=True)
+    assert set(values) == set(exact)
+    for v, c in zip(values, counts):
+        assert c / len(meds) == pytest.approx(exact[v], abs=0.01), v
+
+
+def test_median_statistic_resists_an_outlier():
+    """One image's ratio explodes (a near-zero denominator): the mean difference flips sign, the median not."""
+    b = np.full(60, 0.5)
+    a = np.full(60, 0.3)
+    a[0] = 100.0
+    mean = stats.paired_difference(a, b, higher_is_better=False)
+    med = stats.paired_difference(a, b, higher_is_better=False, statistic="median")
+    assert mean.diff > 1 and med.diff == pytest.approx(-0.2)
+    assert med.verdict == stats.SUPPORTED and med.high == pytest.approx(-0.2)
+    assert med.text().endswith("lower is better, median of the paired differences] → supported")
+    with pytest.raises(ValueError, match="statistic='mode'"):
+        stats.paired_difference(a, b, statistic="mode")

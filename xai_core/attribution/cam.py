@@ -1,7 +1,8 @@
 """CAM family (METHODS §1): one template, one small weight function per variant.
 
 cam_l = ReLU(sum_k W_k * A_k) where W is [B,K,1,1] (channel weights) or [B,K,h,w] (per position).
-Several layers: each map is upsampled to H,W, norm01'd, and the maps are summed.
+Several layers: each map is upsampled to H,W, norm01'd (unless ``normalize=False``: raw maps, for
+comparing maps of several query classes on one scale), and the maps are summed.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ CAM_WEIGHTS: dict[str, WeightFn] = {
 
 
 def cam_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, layers: Sequence[str],
-             weights: WeightFn, *, upsample_maps: bool = True,
+             weights: WeightFn, *, upsample_maps: bool = True, normalize: bool = True,
              create_graph: bool = False) -> torch.Tensor:
     """The CAM template: one forward and one backward (stopping at the shallowest layer) for all layers."""
     lm = layer_maps(model, x, target, layers, create_graph=create_graph)
@@ -65,4 +66,5 @@ def cam_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, laye
     size = (x.shape[-2], x.shape[-1])
     if len(cams) == 1:
         return upsample(cams[0], size)
-    return sum(norm01(upsample(c, size)) for c in cams)
+    scale = norm01 if normalize else (lambda m: m)
+    return sum(scale(upsample(c, size)) for c in cams)

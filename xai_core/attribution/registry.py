@@ -87,9 +87,9 @@ def explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, metho
     names = default_layers_for(model, spec.default_layers) if layers is None else (
         [layers] if isinstance(layers, str) else list(layers))
     if spec.kind == "cam":
-        _check_options(method, options, [])
+        _check_options(method, options, ["normalize"])
         return cam.cam_maps(model, x, target, names, spec.fn, create_graph=create_graph,
-                            upsample_maps=upsample and reduce is not None)
+                            upsample_maps=upsample and reduce is not None, normalize=options.get("normalize", True))
     _check_options(method, options, allowed + ["upsample"])
     return spec.fn(model, x, target, layers=names, create_graph=create_graph, upsample=upsample,
                    **options)

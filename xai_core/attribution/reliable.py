@@ -3,11 +3,16 @@
 Per sample and per layer l a mask M_l >= 0 of the activation's shape [K_l,h_l,w_l] multiplies the
 layer's output in the forward. For a query class c (any class, also a wrong one) the masks minimise
 
-    (f_c(x; M) - f_c(x))^2 + lam * sum_l ||M_l||_1 / sqrt(h_l w_l)
+    P_c(M) + lam * sum_l ||M_l||_1 / sqrt(h_l w_l)
 
-with Adam from M = 1, projected to M >= 0 after each step. The whole batch is optimised jointly (the
+with Adam from M = 1, projected to M >= 0 after each step. The preservation term P_c has two readings
+(``preserve``, METHODS §3): "two_sided" (default) (f_c(x; M) - f_c(x))^2, the masked score stays close;
+"one_sided" relu(f_c(x) - f_c(x; M))^2, the masked score may rise but not fall, so features that only
+argue against c (the present object, for an absent c) need not be kept. The whole batch is optimised jointly (the
 summed loss has per-sample gradients and Adam is element-wise, so this equals separate runs).
-HAF = sum_l norm01(upsample(mean over channels of M_l)) / L.
+HAF = sum_l norm01(upsample(mean over channels of M_l)) / L; ``normalize=False`` leaves out the per-layer
+norm01 (sum_l upsample(mean_k M_l) / L): the raw masks, for comparing the maps of several query classes
+of one image on one scale (a near-empty mask must stay near empty).
 
 Which iterate is kept (``keep``; candidates: the masks before each update and after the last one):
 - "loss" (default): per sample, the lowest full objective. METHODS §3 says "the lowest preservation
@@ -38,6 +43,12 @@ from xai_core.attribution._hooks import capture, resolve_layers
 from xai_core.attribution.registry import Method, register
 
 KEEP = ("loss", "preservation", "last")  # which iterate ``learn_masks`` returns, per sample
+PRESERVE = ("two_sided", "one_sided")  # the readings of the preservation term
+
+
+def _preservation(out: torch.Tensor, ref: torch.Tensor, preserve: str) -> torch.Tensor:
+    """P_c per sample [B]: (out - ref)^2, or relu(ref - out)^2 when one-sided."""
+    return (out - ref) ** 2 if preserve == "two_sided" else (ref - out).clamp_min(0) ** 2
 
 
 @contextmanager
@@ -84,12 +95,13 @@ def _sparsity(masks: dict[str, torch.Tensor], scale: dict[str, float]) -> torch.
 
 
 def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers: Sequence[str],
-                steps: int = 30, lr: float = 0.05, lam: float = 1.0, keep: str = "loss"
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                steps: int = 30, lr: float = 0.05, lam: float = 1.0, keep: str = "loss",
+                preserve: str = "two_sided") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Learn masks per layer for query class ``target``; returns (masks {name: [B,K,h,w]}, preservation [B]).
 
-    ``preservation`` is (f_c(x; M) - f_c(x))^2 at the kept masks. ``steps`` Adam updates are made and
-    the objective is evaluated before each update and once after the last (steps + 1 candidates);
+    ``preservation`` is P_c at the kept masks (``preserve``: see the module docstring). ``steps`` Adam
+    updates are made and the objective is evaluated before each update and once after the last (steps + 1
+    candidates);
     ``keep`` picks one per sample (see the module docstring). METHODS §3
     """
     check_images(x)
@@ -100,6 +112,8 @@ def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *
     _check_positive(float(lam), "lam", allow_zero=True)
     if keep not in KEEP:
         raise ValueError(f"keep={keep!r} is not allowed: use one of {', '.join(KEEP)}")
+    if preserve not in PRESERVE:
+        raise ValueError(f"preserve={preserve!r} is not allowed: use one of {', '.join(PRESERVE)}")
     x = x.detach()
     with _eval_mode(model):
         with torch.no_grad(), capture(model, names) as acts:
@@ -135,7 +149,7 @@ def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *
             for _ in range(steps):
                 with torch.enable_grad():
                     out = model(x).gather(1, t[:, None]).squeeze(1)
-                    pres = (out - ref) ** 2
+                    pres = _preservation(out, ref, preserve)
                     sparsity = _sparsity(masks, scale)
                     loss = (pres + lam * sparsity).sum()
                     grads = torch.autograd.grad(loss, list(masks.values()))
@@ -148,14 +162,16 @@ def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *
                         m.clamp_(min=0)
             with torch.no_grad():
                 out = model(x).gather(1, t[:, None]).squeeze(1)
-                keep_best((out - ref) ** 2, _sparsity(masks, scale))
+                keep_best(_preservation(out, ref, preserve), _sparsity(masks, scale))
     return best, best_pres
 
 
 def haf(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers: Sequence[str],
-        steps: int = 30, lr: float = 0.05, lam: float = 1.0, keep: str = "loss", upsample: bool = True,
-        create_graph: bool = False) -> torch.Tensor:
+        steps: int = 30, lr: float = 0.05, lam: float = 1.0, keep: str = "loss", preserve: str = "two_sided",
+        normalize: bool = True, upsample: bool = True, create_graph: bool = False) -> torch.Tensor:
     """HAF heatmaps [B,H,W] = sum_l norm01(upsample(mean_k M_l)) / L from ``learn_masks``. METHODS §3
+
+    ``normalize=False``: sum_l upsample(mean_k M_l) / L, the raw masks (no per-layer norm01).
 
     ``upsample=False`` needs exactly one layer and returns its raw channel-mean mask [B,h,w].
     ``create_graph=True`` raises ValueError: the masks come from an inner optimisation (a bilevel
@@ -168,7 +184,8 @@ def haf(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers
     if not upsample and len(names) != 1:
         raise ValueError(f"upsample=False needs exactly one layer (masks of different layers have "
                          f"different sizes), got layers={names}")
-    masks, _ = learn_masks(model, x, target, layers=names, steps=steps, lr=lr, lam=lam, keep=keep)
+    masks, _ = learn_masks(model, x, target, layers=names, steps=steps, lr=lr, lam=lam, keep=keep,
+                           preserve=preserve)
     maps = []
     for n in names:
         m = masks[n]
@@ -178,7 +195,8 @@ def haf(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers
     if not upsample:
         return maps[0]
     size = (x.shape[-2], x.shape[-1])
-    return sum(norm01(_upsample(m, size)) for m in maps) / len(maps)
+    scale = norm01 if normalize else (lambda m: m)
+    return sum(scale(_upsample(m, size)) for m in maps) / len(maps)
 
 
 register("haf", Method(haf, "layered", default_layers="last2"))

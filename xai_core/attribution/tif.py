@@ -150,12 +150,12 @@ def threshold_maps(maps: torch.Tensor, alpha: float) -> torch.Tensor:
 
 
 def gradcam_thresholded(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *,
-                        layers: Sequence[str] | str, alpha: float = 0.25, upsample: bool = True,
-                        create_graph: bool = False) -> torch.Tensor:
+                        layers: Sequence[str] | str, alpha: float = 0.25, normalize: bool = True,
+                        upsample: bool = True, create_graph: bool = False) -> torch.Tensor:
     """Grad-CAM (as explain(method="gradcam")) thresholded by TIF's rule, the control of METHODS §2."""
     check_unit_interval(alpha, "alpha")
     names = resolve_layers(model, layers)
-    cam = cam_maps(model, x, target, names, gradcam_weights, upsample_maps=upsample,
+    cam = cam_maps(model, x, target, names, gradcam_weights, upsample_maps=upsample, normalize=normalize,
                    create_graph=create_graph)
     return threshold_maps(cam, alpha)
 
