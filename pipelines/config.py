@@ -114,7 +114,9 @@ class PrecomputeConfig(_Section):
 
 class EvaluateConfig(_Section):
     methods: list[str] = list(EVAL_METHODS)
-    n_test: int = Field(256, ge=1)  # test images evaluated per model (first n of the test split)
+    n_test: int = Field(256, ge=1)  # test images with PGD and attribution rows (first n of the test split)
+    n_accuracy: int = Field(0, ge=0)  # test images for clean accuracy and groups (forwards only); 0: all
+    random_baseline: bool = True  # also evaluate the architecture with fresh weights, one per seed (sanity)
     n_dwsol: int = Field(64, ge=0)
     batch_size: int = Field(64, ge=1)
     tif_base: Literal["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"] = \

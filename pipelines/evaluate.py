@@ -34,6 +34,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "haf_one_sided": ("haf", {"preserve": "one_sided"}),  # METHODS §3's second reading of preservation
 }
 DETECTION_METHODS = ("haf", "haf_one_sided", "gradcam", "saliency")  # maps the detector learns from (§3b)
+# the per-method metric columns of the test split (accuracy-only rows hold them as NaN)
+METRIC_COLUMNS = ("pointing_game", "energy_pointing_game", "pxap", "iou", "gini", "deletion_auc", "insertion_auc",
+                  "deletion_auc_random", "wsss_miou")  # in the order the method rows hold them
 # xai_core methods whose maps are rescaled per map (or per layer) unless normalize=False
 NORMALIZED = ("tif", "haf", "gradcam", "gradcam_pp", "layercam", "gradcam_thresholded")
 
@@ -111,7 +114,7 @@ class EvalActor:
     """Ray Data class UDF: loads every model once; one output row per (sample, model, method)."""
 
     def __init__(self, cfg_json: dict, storage: list, models: dict[str, str], alphas: dict[str, float], split: str,
-                 threads: int = 1) -> None:
+                 threads: int = 1, attribute: list[int] | None = None) -> None:
         from pipelines.common import load_model, pick_device
         from pipelines.config import Config
 
@@ -121,6 +124,8 @@ class EvalActor:
         store = st.Storage(*storage)
         self.models = {k: load_model(self.cfg, store.read_bytes(p), p).to(self.device) for k, p in models.items()}
         self.alphas, self.split = alphas, split
+        # idx of the test images that get PGD and attribution rows; the others get clean accuracy only
+        self.attribute = None if attribute is None else np.asarray(attribute, dtype=np.int64)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from pipelines.common import pause_point
@@ -157,10 +162,29 @@ class EvalActor:
         from xai_core.perturb import pgd
 
         e = self.cfg.evaluate
+        full = to_tensors(batch, self.device)
+        attr = np.ones(len(batch["idx"]), bool) if self.attribute is None else np.isin(batch["idx"], self.attribute)
+        out: list[dict] = []
+        rest_rows: list[dict] = []
+        if not attr.all():  # clean accuracy (forwards only) for the images beyond the attribution subset
+            rest = {k: v[~attr] for k, v in batch.items()}
+            xr, yr = full["image"][torch.from_numpy(~attr)], full["label"][torch.from_numpy(~attr)].long()
+            nan = torch.full((len(yr),), float("nan"))
+            for key, model in self.models.items():
+                with torch.no_grad():
+                    cols = {"correct": (model(xr).argmax(1) == yr).float(),
+                            **{f"robust_acc_{round(eps * 255)}": nan for eps in e.pgd_eps},
+                            **{c: nan for c in METRIC_COLUMNS}}
+                rows = self._rows(rest, key, "none", cols)
+                for c in ("deletion_curve", "insertion_curve"):  # every block has the same columns
+                    rows[c] = np.full((len(yr), e.deletion_steps + 1), np.nan, np.float32)
+                rest_rows.append(rows)
+        if not attr.any():
+            return _concat(rest_rows)
+        batch = {k: v[attr] for k, v in batch.items()}
         t = to_tensors(batch, self.device)
         x, y, mask = t["image"], t["label"].long(), t["mask"].bool()
         first = int(batch["idx"][0])
-        out: list[dict] = []
         for key, model in self.models.items():
             with torch.no_grad():
                 correct = (model(x).argmax(1) == y).float()
@@ -187,7 +211,7 @@ class EvalActor:
                 rows["deletion_curve"] = d_curve.float().cpu().numpy()
                 rows["insertion_curve"] = i_curve.float().cpu().numpy()
                 out.append(rows)
-        return _concat(out)
+        return _concat(out + rest_rows)
 
     def _dwsol(self, batch: dict) -> dict:
         from pipelines.common import to_tensors
@@ -239,29 +263,54 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         return m, False
     st.begin(store, STAGE)
     models = {k: p for k, p in train_manifest["files"].items()}
+    evaluated = {**models, **(random_models(cfg, store) if cfg.evaluate.random_baseline else {})}
     files, rows = {}, {}
-    splits = [("test", cfg.evaluate.n_test)] + ([("dwsol", cfg.evaluate.n_dwsol)]
-                                              if cfg.evaluate.n_dwsol and "dwsol" in ingest_manifest["files"] else [])
-    for split, limit in splits:
-        n = min(limit, ingest_manifest["rows"][split])
-        out = pool_map(ingest.read_split(store, ingest_manifest, split).limit(limit), EvalActor, {
-            "cfg_json": cfg.model_dump(mode="json"), "models": models, "alphas": alphas, "split": split,
-            "storage": store.args()},
-            rows=n, plan=plan, batch_size=cfg.evaluate.batch_size)
+    e = cfg.evaluate
+    n_test_rows = ingest_manifest["rows"]["test"]
+    n_attr = min(e.n_test, n_test_rows)
+    n_acc = n_test_rows if e.n_accuracy == 0 else min(max(e.n_accuracy, n_attr), n_test_rows)
+    attribute = [int(i) for i in ingest.read_split_numpy(store, ingest_manifest, "test", limit=n_attr,
+                                                         columns=["idx"])["idx"]]
+    splits = [("test", n_acc, n_attr)] + ([("dwsol", min(e.n_dwsol, ingest_manifest["rows"]["dwsol"]), None)]
+                                          if e.n_dwsol and "dwsol" in ingest_manifest["files"] else [])
+    for split, n, n_methods in splits:
+        out = pool_map(ingest.read_split(store, ingest_manifest, split).limit(n), EvalActor, {
+            "cfg_json": cfg.model_dump(mode="json"), "models": evaluated, "alphas": alphas, "split": split,
+            "storage": store.args(), "attribute": attribute if split == "test" else None},
+            rows=n, plan=plan, batch_size=e.batch_size)
         files[split] = ingest.write_split(store, STAGE, split, out, 1)
         rows[split] = sum(int(pq_rows) for pq_rows in _rows_of(store, files[split]))
-        per_model = len(cfg.evaluate.methods) + (1 if split == "test" else 0)
-        expected = n * len(models) * per_model
+        if split == "test":  # accuracy rows for every image, method rows for the attribution subset
+            expected = len(evaluated) * (n + n_methods * len(e.methods))
+        else:
+            expected = n * len(evaluated) * len(e.methods)
         if rows[split] != expected:  # a retried batch must not be counted twice, nor one lost
             raise RuntimeError(f"evaluate {split}: wrote {rows[split]} rows, expected {expected}")
     summary = dataset_checks(cfg, store, ingest_manifest, models, alphas)
     store.write_json(summary, STAGE, "summary.json")
-    manifest = st.commit(store, STAGE, h, files=files, rows=rows, alphas=alphas, models=sorted(models))
+    manifest = st.commit(store, STAGE, h, files=files, rows=rows, alphas=alphas, models=sorted(evaluated),
+                         images={"accuracy": n_acc, "attribution": n_attr})
     table = summarise(store, manifest)
     for key, metrics in table.items():
         tracker.log_metrics(stage_run, {f"{key}/{k}": v for k, v in metrics.items()})
     tracker.log_metrics(stage_run, _flat_summary(summary))
     return manifest, True
+
+
+def random_models(cfg: Any, store: st.Storage) -> dict[str, str]:
+    """The sanity baseline: per training seed, the architecture with fresh (untrained) weights drawn with
+    that seed, evaluated beside the trained models ("random_s<seed>": if it localises as well, say so)."""
+    from pipelines.common import make_model, state_bytes
+
+    paths = {}
+    for seed in cfg.train.seeds:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            state = make_model(cfg).state_dict()
+        key = f"random_s{seed}"
+        paths[key] = f"{STAGE}/models/{key}.pt"
+        store.write_bytes(state_bytes({"model": state}), paths[key])
+    return paths
 
 
 def _rows_of(store: st.Storage, files: list[str]) -> list[int]:

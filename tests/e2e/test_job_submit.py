@@ -117,7 +117,8 @@ def test_ray_job_submit_to_two_nodes_scaat_on_two_spread_workers(cluster, tmp_pa
            # cluster, DDP over two nodes); every stage and method of the smoke config runs in tests/integration
            "--set", "train.modes=[scaat]", "--set", "train.num_workers=2", "--set", "train.placement=SPREAD",
            "--set", "evaluate.methods=[gradcam]", "--set", "sweep.enabled=false", "--set", "sweep.model=scaat",
-           "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0"]
+           "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0",
+           "--set", "evaluate.random_baseline=false", "--set", "evaluate.n_accuracy=16"]
     deadline = time.time() + 120  # bounds a hang only
     while True:  # both nodes registered: the job must be able to spread its workers
         nodes = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address,

@@ -61,12 +61,19 @@ def test_evaluate_rows_cover_every_model_and_method(smoke_run):
 
     cfg = load_config(ROOT / "configs/smoke.yaml")
     files = sorted((smoke_run["store"] / "evaluate" / "test").glob("*.parquet"))
-    df = pd.concat([pq.read_table(f, columns=["idx", "model", "method", "iou", "correct"]).to_pandas()
+    df = pd.concat([pq.read_table(f, columns=["idx", "model", "method", "robust_acc_8", "correct"]).to_pandas()
                     for f in files])
-    assert set(df.model) == {"erm_s0", "consistency_s0", "scaat_s0"}
+    assert set(df.model) == {"erm_s0", "consistency_s0", "scaat_s0", "random_s0"}  # + the sanity baseline
     assert set(df.method) == set(cfg.evaluate.methods) | {"none"}
     counts = df.groupby(["model", "method"]).idx.nunique()
-    assert (counts == cfg.evaluate.n_test).all()  # every test sample exactly once per model x method
+    assert (df.groupby(["model", "method"]).size() == counts).all()  # no sample twice
+    # clean accuracy on the whole test split (32), PGD and attribution on the first n_test (16)
+    assert (counts.xs("none", level="method") == cfg.data.n_test).all()
+    assert (counts.drop("none", level="method") == cfg.evaluate.n_test).all()
+    none = df[df.method == "none"]
+    first = set(df[df.method == "gradcam"].idx)
+    assert none[~none.idx.isin(first)].robust_acc_8.isna().all()  # no PGD beyond the attribution subset
+    assert none[none.idx.isin(first)].robust_acc_8.notna().all() and none.correct.notna().all()
 
 
 def test_mlflow_holds_parent_nested_runs_metrics_images_and_models(smoke_run):
@@ -159,7 +166,7 @@ def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke
     best = picks["tif"]
     df = _evaluate_rows(store)
     data = _split(store, "test")
-    evaluated = np.sort(df.idx.unique())
+    evaluated = np.sort(df[df.method == "gradcam"].idx.unique())
     assert np.array_equal(evaluated, np.sort(data["idx"][: cfg.evaluate.n_test]))  # the first n_test in file order
     pick = np.flatnonzero(np.isin(data["idx"], evaluated))[:6]
     idx = data["idx"][pick]

@@ -17,7 +17,8 @@ from tests.integration.conftest import ROOT, S3_TEST_ENV, free_port
 SMOKE = str(ROOT / "configs/smoke.yaml")
 # The smoke config cut to one model and one method: every stage still runs (sweep off, as it only tunes tif).
 REDUCED = ["--set", "train.modes=[erm]", "--set", "sweep.enabled=false", "--set", "evaluate.methods=[gradcam]",
-           "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0"]
+           "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0",
+           "--set", "evaluate.random_baseline=false", "--set", "evaluate.n_accuracy=16"]
 
 
 def _keys(client, bucket, prefix):
