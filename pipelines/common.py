@@ -238,11 +238,3 @@ THRESHOLDED = ("tif", "gradcam_thresholded")  # the methods with an alpha, each 
 def default_alphas(cfg: Any) -> dict[str, float]:
     """Every thresholded method at evaluate.tif_alpha: what evaluate uses when no sweep ran."""
     return {m: cfg.evaluate.tif_alpha for m in THRESHOLDED}
-
-
-ALPHA_FROM = {"tif_one_layer": "tif", "tif_uniform": "tif"}  # variants evaluated at their method's alpha
-
-
-def alpha_of(alphas: dict[str, float], method: str) -> float:
-    """The alpha a method is evaluated at (0.0 for a method without one: it is not read)."""
-    return float(alphas.get(ALPHA_FROM.get(method, method), 0.0))

@@ -15,7 +15,7 @@ import torch
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import alpha_of, pool_map
+from pipelines.common import pool_map
 from xai_core._tensor import seeded_generator
 
 log = logging.getLogger("xai.evaluate")
@@ -44,6 +44,12 @@ NORMALIZED = ("tif", "haf", "gradcam", "gradcam_pp", "layercam", "gradcam_thresh
 def base_method(method: str) -> str:
     """The xai_core method behind an evaluated method or variant."""
     return VARIANTS[method][0] if method in VARIANTS else method
+
+
+def alpha_of(alphas: dict[str, float], method: str) -> float:
+    """The alpha a method is evaluated at: its xai_core method's pick (a variant that fixes its own alpha
+    overrides it in method_options); 0.0 for a method without one (it is not read)."""
+    return float(alphas.get(base_method(method), 0.0))
 
 
 def method_options(cfg: Any, method: str, alpha: float, seed: int = 0, model: torch.nn.Module | None = None,
@@ -162,13 +168,13 @@ class EvalActor:
         from xai_core.perturb import pgd
 
         e = self.cfg.evaluate
-        full = to_tensors(batch, self.device)
         attr = np.ones(len(batch["idx"]), bool) if self.attribute is None else np.isin(batch["idx"], self.attribute)
         out: list[dict] = []
         rest_rows: list[dict] = []
         if not attr.all():  # clean accuracy (forwards only) for the images beyond the attribution subset
             rest = {k: v[~attr] for k, v in batch.items()}
-            xr, yr = full["image"][torch.from_numpy(~attr)], full["label"][torch.from_numpy(~attr)].long()
+            r = to_tensors(rest, self.device)
+            xr, yr = r["image"], r["label"].long()
             nan = torch.full((len(yr),), float("nan"))
             for key, model in self.models.items():
                 with torch.no_grad():

@@ -67,6 +67,17 @@ def _as_grid(v: np.ndarray, name: str) -> np.ndarray:
     return v
 
 
+def _draws(s: int, n: int, n_resamples: int, seed: int, chunk: int):  # noqa: ANN202 - a generator
+    """Per chunk of resamples: (first resample, seed draw counts [r, s], image draw counts [r, n]); the same
+    seeded sequence for every statistic, so means and medians of one seed use the same resamples."""
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_resamples, chunk):
+        r = min(chunk, n_resamples - start)
+        c = np.stack([np.bincount(rng.integers(0, s, s), minlength=s) for _ in range(r)]).astype(np.float64)
+        k = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(r)]).astype(np.float64)
+        yield start, c, k
+
+
 def bootstrap_means(d: np.ndarray, *, n_resamples: int = 2000, seed: int = 0, chunk: int = 256) -> np.ndarray:
     """[n_resamples] means of the [S, N] array d (NaN cells left out) over resampled seeds and images.
 
@@ -79,12 +90,9 @@ def bootstrap_means(d: np.ndarray, *, n_resamples: int = 2000, seed: int = 0, ch
     s, n = d.shape
     valid = ~np.isnan(d)
     vals = np.where(valid, d, 0.0)
-    rng = np.random.default_rng(seed)
     out = np.empty(n_resamples)
-    for start in range(0, n_resamples, chunk):
-        r = min(chunk, n_resamples - start)
-        c = np.stack([np.bincount(rng.integers(0, s, s), minlength=s) for _ in range(r)]).astype(np.float64)
-        k = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(r)]).astype(np.float64)
+    for start, c, k in _draws(s, n, n_resamples, seed, chunk):
+        r = len(c)
         num = ((c @ vals) * k).sum(1)
         den = ((c @ valid) * k).sum(1)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -102,12 +110,9 @@ def bootstrap_medians(d: np.ndarray, *, n_resamples: int = 2000, seed: int = 0, 
     vals = d[si, ii]
     order = np.argsort(vals, kind="stable")
     vals, si, ii = vals[order], si[order], ii[order]
-    rng = np.random.default_rng(seed)
     out = np.empty(n_resamples)
-    for start in range(0, n_resamples, chunk):
-        r = min(chunk, n_resamples - start)
-        c = np.stack([np.bincount(rng.integers(0, s, s), minlength=s) for _ in range(r)]).astype(np.float64)
-        k = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(r)]).astype(np.float64)
+    for start, c, k in _draws(s, n, n_resamples, seed, chunk):
+        r = len(c)
         w = c[:, si] * k[:, ii]  # [r, cells]
         cum = w.cumsum(1)
         total = cum[:, -1:] if cum.shape[1] else np.zeros((r, 1))

@@ -68,8 +68,7 @@ def test_draw_generator_is_a_pure_function_of_batch_model_and_purpose(args):
 def test_variants_are_their_method_with_the_stated_options():
     """Each ablation/control row computes what its name says: the same maps as xai_core called with the
     options written out here by hand (TIF's layers are the model's default_layers: smoke sets no layers)."""
-    from pipelines.common import alpha_of
-    from pipelines.evaluate import explain_fn
+    from pipelines.evaluate import alpha_of, explain_fn
     from xai_core.attribution import explain
 
     cfg = _cfg(["tif"])
