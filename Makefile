@@ -16,7 +16,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check xai_core pipelines tests bench
-	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q
+	RAY_DATA_DISABLE_PROGRESS_BARS=1 $(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check xai_core pipelines tests bench

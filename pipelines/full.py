@@ -34,8 +34,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     p.add_argument("--force", action="append", default=[], choices=STAGES, help="redo a committed stage")
     p.add_argument("--only", choices=STAGES, help="run only this stage (earlier stages must be committed)")
+    p.add_argument("--until", choices=STAGES, help="run the stages up to and including this one, then stop")
     p.add_argument("--alphas", type=float, nargs="+", help="sweep: alphas to try (default: sweep.alphas)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.only and args.until:
+        p.error("--only and --until exclude each other")
+    return args
 
 
 def init_ray(cfg: object) -> float:
@@ -160,15 +164,15 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
     def wanted(name: str) -> bool:
         return args.only in (None, name)
 
-    def last(name: str) -> bool:  # --only NAME: stop after that stage
-        return args.only == name
+    def last(name: str) -> bool:  # --only NAME / --until NAME: stop after that stage
+        return name in (args.only, args.until)
 
     def need(name: str, manifest: object) -> dict:
         if manifest is None:
             raise RuntimeError(f"stage {name} is not committed under {store.root_uri}: run the full pipeline first")
         return manifest
 
-    def run_stages() -> None:  # returns after the stage that --only names
+    def run_stages() -> None:  # returns after the stage that --only or --until names
         r = stage_run("ingest")
         if wanted("ingest"):
             ing, did = ingest.run(cfg, store, force="ingest" in force)
@@ -185,7 +189,7 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
             return
         tr = need("train", st.committed(store, train.STAGE, train.config_hash(cfg)))
         alphas, sweep_result = default_alphas(cfg), None
-        if cfg.sweep.enabled and ("tif" in cfg.evaluate.methods or args.only == "sweep"):
+        if cfg.sweep.enabled and ("tif" in cfg.evaluate.methods or "sweep" in (args.only, args.until)):
             r = stage_run("sweep")
             if wanted("sweep"):
                 sw, did = sweep.run(cfg, store, ing, tr, tracker, r, plan, force="sweep" in force,

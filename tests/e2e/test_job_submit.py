@@ -1,14 +1,14 @@
-"""End to end as a user runs it, on a two-node cluster: `ray start --head` and `ray start --address` (a second
-node) on loopback, `ray job submit` of the smoke config with SCAAT trained by two DDP workers spread over
-the two nodes (gloo; SCAAT's gradients averaged by train.sync_grads), wait for SUCCEEDED, read the results
-back, and stop the cluster this test started (and only it)."""
+"""End to end as a user deploys it, on a two-node cluster: `ray start --head` and `ray start --address` (a
+second node) on loopback, `ray job submit` of the smoke config with SCAAT trained by two DDP workers spread
+over the two nodes (gloo; SCAAT's gradients averaged by train.sync_grads), the store in S3 (a moto server)
+and MLflow behind `mlflow server`; wait for SUCCEEDED, read the results back from the bucket and the
+server, rerun, and stop the cluster this test started (and only it)."""
 
 import json
 import os
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,16 +17,10 @@ from pathlib import Path
 import pytest
 
 from tests._procs import kill_processes_with_env
+from tests._services import ROOT, S3_TEST_ENV, free_port
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_http(url: str, timeout: float) -> None:
@@ -66,7 +60,7 @@ def _stop(proc: subprocess.Popen) -> None:
 @pytest.fixture
 def cluster(tmp_path):
     """A head and a worker node of 2 CPUs each; yields (dashboard address, client environment)."""
-    port, dash = _free_port(), _free_port()
+    port, dash = free_port(), free_port()
     key, value = "XAI_E2E_HEAD", f"{os.getpid()}-{port}"  # every process of this cluster inherits it
     # RAY_NOTES: `ray start` turns token authentication on. The cluster's token is given to both nodes and the
     # client here: left to `ray start`, it lands in ~/.ray/auth_token, and on a fresh machine (a clean CI
@@ -78,14 +72,14 @@ def cluster(tmp_path):
     nodes = [_ray_start(
         ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
          "--include-dashboard=true", f"--temp-dir={temp}",
-         f"--dashboard-agent-listen-port={_free_port()}"],  # not 52365: another local Ray's agent may hold it
+         f"--dashboard-agent-listen-port={free_port()}"],  # not 52365: another local Ray's agent may hold it
         env, tmp_path / "head.log")]
     try:
         _wait_http(f"http://127.0.0.1:{dash}/api/version", 120)
         # A temp dir of its own: sharing the head's, its runtime-env agent deleted the job's working_dir
         # package under the running driver (os.getcwd() failed in the driver: FileNotFoundError).
         nodes.append(_ray_start([f"--address=127.0.0.1:{port}", "--num-cpus=2", f"--temp-dir={temp}_2",
-                                 f"--dashboard-agent-listen-port={_free_port()}"], env, tmp_path / "node2.log"))
+                                 f"--dashboard-agent-listen-port={free_port()}"], env, tmp_path / "node2.log"))
         yield f"http://127.0.0.1:{dash}", env
     finally:
         for proc in reversed(nodes):
@@ -103,22 +97,36 @@ def _json_list(text: str) -> list:
     return out if isinstance(out, list) else []
 
 
-def test_ray_job_submit_to_two_nodes_scaat_on_two_spread_workers(cluster, tmp_path):
+def _keys(client, bucket: str, prefix: str) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
+
+
+def test_ray_job_submit_to_two_nodes_with_s3_and_mlflow_server_then_rerun_as_no_op(
+        cluster, moto_s3, mlflow_server_s3, ray_session, tmp_path, capsys):
+    """The deployment a user runs: the job on the cluster, stage outputs and Ray Train checkpoints in the
+    bucket, MLflow through `mlflow server` whose artifact store (figures, report, logged model) is the same
+    S3 endpoint; SCAAT by two DDP workers, one per node. Then the same command again (here, in-process):
+    every stage is committed in the bucket, nothing runs."""
     from mlflow.tracking import MlflowClient
 
+    from pipelines import full
+
     address, env = cluster
-    runtime = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "XAI_DEBUG": "1"}}  # a traceback on failure
-    db = tmp_path / "mlflow.db"
+    bucket, client = moto_s3["bucket"], moto_s3["client"]
+    # the job's processes sign S3 requests with the credentials its runtime environment gives them
+    runtime = {"env_vars": {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "XAI_DEBUG": "1", **S3_TEST_ENV}}
+    args = ["--config", "configs/smoke.yaml", "--set", f"storage.uri=s3://{bucket}/runs",
+            "--set", f"storage.s3_endpoint={moto_s3['endpoint']}", "--set", f"tracking.uri={mlflow_server_s3}",
+            # what this test adds is the deployment path (job agent, working_dir upload, the driver on the
+            # cluster, DDP over two nodes, S3, the MLflow server); every stage and method of the smoke config
+            # runs in tests/integration
+            "--set", "train.modes=[scaat]", "--set", "train.num_workers=2", "--set", "train.placement=SPREAD",
+            "--set", "evaluate.methods=[gradcam]", "--set", "sweep.enabled=false", "--set", "sweep.model=scaat",
+            "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0",
+            "--set", "evaluate.random_baseline=false", "--set", "evaluate.n_accuracy=16"]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", str(ROOT),
-           "--runtime-env-json", json.dumps(runtime), "--", "python", "pipelines/full.py",
-           "--config", "configs/smoke.yaml", "--set", f"storage.uri={tmp_path / 'runs'}",
-           "--set", f"tracking.uri=sqlite:///{db}",
-           # what this test adds is the deployment path (job agent, working_dir upload, the driver on the
-           # cluster, DDP over two nodes); every stage and method of the smoke config runs in tests/integration
-           "--set", "train.modes=[scaat]", "--set", "train.num_workers=2", "--set", "train.placement=SPREAD",
-           "--set", "evaluate.methods=[gradcam]", "--set", "sweep.enabled=false", "--set", "sweep.model=scaat",
-           "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0",
-           "--set", "evaluate.random_baseline=false", "--set", "evaluate.n_accuracy=16"]
+           "--runtime-env-json", json.dumps(runtime), "--", "python", "pipelines/full.py", *args]
     deadline = time.time() + 120  # bounds a hang only
     while True:  # both nodes registered: the job must be able to spread its workers
         nodes = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address,
@@ -143,18 +151,41 @@ def test_ray_job_submit_to_two_nodes_scaat_on_two_spread_workers(cluster, tmp_pa
         status = found.group(1).upper() if found else ""
         if status:
             break
-        time.sleep(5)
+        time.sleep(2)
     logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--address", address, job_id],
                           env=env, capture_output=True, text=True, timeout=60).stdout
     assert status == "SUCCEEDED", logs[-4000:]
-    assert "Done in" in logs and (tmp_path / "runs" / "smoke" / "report" / "report.html").exists()
+    assert "Done in" in logs and f"Outputs: s3://{bucket}/runs/smoke" in logs
 
-    client = MlflowClient(f"sqlite:///{db}")
-    exp = client.get_experiment_by_name("xai-ray-smoke")
-    (run,) = client.search_runs([exp.experiment_id], filter_string="tags.`xai.model` = 'scaat_s0'")
+    keys = _keys(client, bucket, "runs/smoke/")
+    for stage in ("ingest", "train", "train/scaat_s0", "evaluate", "report"):
+        assert f"{stage}/_manifest.json" in keys, sorted(keys)
+    for split in ("train", "val", "test", "dwsol"):
+        assert any(k.startswith(f"ingest/{split}/") and k.endswith(".parquet") for k in keys), split
+    assert any(k.startswith("evaluate/test/") and k.endswith(".parquet") for k in keys)
+    assert "train/scaat_s0/model.pt" in keys and "report/report.html" in keys
+    assert any(k.startswith("ray/") and k.endswith("/state.pt") for k in keys), "Ray Train checkpoints on S3"
+    assert not any(k.startswith(("sweep/", "precompute/")) for k in keys)
+    manifest = json.loads(client.get_object(Bucket=bucket, Key="runs/smoke/evaluate/_manifest.json")["Body"].read())
+    assert manifest["models"] == ["scaat_s0"]
+    assert manifest["rows"] == {"test": 16 * 2, "dwsol": 8}  # n_test x (gradcam + none); n_dwsol x gradcam
+    assert len(client.get_object(Bucket=bucket, Key="runs/smoke/report/report.html")["Body"].read()) > 5_000
+
+    artifacts = _keys(client, bucket, "mlflow-artifacts/")
+    assert any(k.endswith("/report.html") for k in artifacts), sorted(artifacts)[:20]
+    assert any(k.endswith(".png") for k in artifacts), "report figures in the S3 artifact store"
+    assert any("/model" in k or "models/" in k for k in artifacts), "the logged model in the S3 artifact store"
+    ml = MlflowClient(mlflow_server_s3)
+    exp = ml.get_experiment_by_name("xai-ray-smoke")
+    assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server, not a local path
+    (run,) = ml.search_runs([exp.experiment_id], filter_string="tags.`xai.model` = 'scaat_s0'")
     nodes = run.data.tags["worker_nodes"].split(",")
     assert len(nodes) == 2 and nodes[0] != nodes[1]  # SPREAD: one worker per node
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2]
-    assert all(m.value > 0 for m in client.get_metric_history(run.info.run_id, "kl"))  # SCAAT's own term ran
-    manifest = json.loads((tmp_path / "runs" / "smoke" / "evaluate" / "_manifest.json").read_text())
-    assert manifest["models"] == ["scaat_s0"] and manifest["rows"] == {"test": 16 * 2, "dwsol": 8}
+    assert [m.step for m in ml.get_metric_history(run.info.run_id, "loss")] == [1, 2]
+    assert all(m.value > 0 for m in ml.get_metric_history(run.info.run_id, "kl"))  # SCAAT's own term ran
+
+    capsys.readouterr()
+    assert full.main(["--config", str(ROOT / "configs/smoke.yaml"), *args[2:]]) == 0
+    assert "Nothing to do" in capsys.readouterr().out
+    again = json.loads(client.get_object(Bucket=bucket, Key="runs/smoke/evaluate/_manifest.json")["Body"].read())
+    assert again == manifest

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from tests._procs import kill_processes_with_env
-from tests.integration.conftest import ROOT, free_port
+from tests._services import ROOT, free_port
 
 SMOKE = str(ROOT / "configs/smoke.yaml")
 
@@ -44,18 +44,21 @@ def _assert_same_weights(store: Path, reference: Path, models: list[str]) -> Non
             assert torch.equal(got[key][name], tensor), (key, name)
 
 
-def _table(folder: Path, sort_by: list[str]) -> object:
+def _table(folder: Path, sort_by: list[str], where: dict | None = None) -> object:
     import pandas as pd
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401 - tensor extension types
 
     df = pd.concat([pq.read_table(f).to_pandas() for f in sorted(folder.glob("*.parquet"))], ignore_index=True)
+    for col, allowed in (where or {}).items():
+        df = df[df[col].isin(allowed)]
     return df.sort_values(sort_by, kind="stable").reset_index(drop=True)
 
 
-def _assert_same_table(folder: Path, reference: Path, sort_by: list[str]) -> None:
-    """Every row and column equal, arrays element for element (NaN where the reference has NaN)."""
-    got, want = _table(folder, sort_by), _table(reference, sort_by)
+def _assert_same_table(folder: Path, reference: Path, sort_by: list[str], where: dict | None = None) -> None:
+    """Every row and column equal, arrays element for element (NaN where the reference has NaN); of the
+    reference, the rows whose columns take the ``where`` values."""
+    got, want = _table(folder, sort_by), _table(reference, sort_by, where)
     assert list(got.columns) == list(want.columns) and len(got) == len(want) > 0
     for col in want.columns:
         a, b = got[col].to_numpy(), want[col].to_numpy()
@@ -96,15 +99,24 @@ def _kill_own_ray(proc: subprocess.Popen | None, marker: str) -> None:
     kill_processes_with_env(marker)
 
 
+# What the fault runs evaluate: a subset of the smoke run's methods (one per family the evaluate actor runs:
+# CAM, gradient + TIF, HAF; both swept methods, so the sweep is the smoke run's; the detection methods) and
+# no random-weights baseline. Every row is computed per (model, method, image), so these rows must equal the
+# smoke run's rows of the same models and methods; the report is not run (--until evaluate).
+FAULT_METHODS = ["gradcam", "gradcam_thresholded", "tif", "haf"]
+FAULT_MODELS = ["consistency_s0", "erm_s0", "scaat_s0"]
+
+
 @pytest.mark.slow
-def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(smoke_run, tmp_path):
+def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(request, tmp_path):
     """The smoke pipeline in a subprocess of its own Ray. Run 1: the Ray Train worker is SIGKILLed after
     ERM's checkpointed epoch 1 (Ray Train restarts it), a precompute actor inside batch 64 of consistency
     round 1 (it restarts and redoes the batch), and then the driver while SCAAT trains (after its epoch-1
     checkpoint; ERM and consistency are committed). Run 2, the same command: the committed stages and models
     are skipped, SCAAT resumes from its checkpoint, and an evaluate actor is SIGKILLed inside its test batch.
     Weights, precompute rows, evaluate tables, checks and sweep end equal to the shared smoke run's, which
-    lost nothing; MLflow steps never repeat."""
+    lost nothing; MLflow steps never repeat. The smoke run is asked for only at the comparison: with
+    pytest-xdist the fault runs go on while another worker runs it."""
     from mlflow.tracking import MlflowClient
 
     from tests._pause import Pauses
@@ -112,7 +124,8 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(smoke_run,
     runs, db = tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}"
     store = runs / "smoke"
     cmd = [sys.executable, "pipelines/full.py", "--config", "configs/smoke.yaml", "--set", "ray.num_cpus=4",
-           "--set", f"storage.uri={runs}", "--set", f"tracking.uri={db}"]
+           "--set", f"storage.uri={runs}", "--set", f"tracking.uri={db}", "--until", "evaluate",
+           "--set", f"evaluate.methods=[{','.join(FAULT_METHODS)}]", "--set", "evaluate.random_baseline=false"]
     # Its own local Ray: no RAY_ADDRESS, and a Ray temp dir of its own (short: Unix socket paths), so it
     # neither attaches to the session's Ray nor to /tmp/ray/ray_current_cluster; the unique RAY_TMPDIR
     # also marks every process of that Ray for the clean-up. Same CPUs as the session's Ray: same plan.
@@ -165,7 +178,7 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(smoke_run,
         _kill_own_ray(proc, marker)  # leftovers of the rerun's Ray, if any
         shutil.rmtree(ray_tmp, ignore_errors=True)
     out = log2.read_text()
-    assert "skipped committed ingest" in out and "ran train, sweep, evaluate, report" in out, out[-3000:]
+    assert "skipped committed ingest" in out and "ran train, sweep, evaluate;" in out, out[-3000:]
     assert "train: erm_s0 already committed, skipped" in out and "consistency_s0 already committed" in out
     assert "[scaat s0] resumed from epoch 1" in out  # from the killed run's Ray Train checkpoint
     assert (store / "ingest" / "_manifest.json").read_text() == ingest_before  # not rewritten
@@ -177,7 +190,7 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(smoke_run,
         assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2], key
         assert [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")] == [1.0], key
 
-    ref = smoke_run["store"]
+    ref = request.getfixturevalue("smoke_run")["store"]
     _assert_same_weights(store, ref, ["consistency_s0", "erm_s0", "scaat_s0"])
     rnd = Path("precompute") / "s0_round1"
     assert json.loads((store / rnd / "_manifest.json").read_text())["rows"] == {"samples": 192}
@@ -186,9 +199,16 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(smoke_run,
 
     assert pq.read_table(store / rnd / "weights.parquet").equals(pq.read_table(ref / rnd / "weights.parquet"))
     for split in ("test", "dwsol"):
-        _assert_same_table(store / "evaluate" / split, ref / "evaluate" / split, ["model", "method", "idx"])
-    for stage, name in (("evaluate", "summary.json"), ("sweep", "results.json")):
-        assert json.loads((store / stage / name).read_text()) == json.loads((ref / stage / name).read_text())
+        _assert_same_table(store / "evaluate" / split, ref / "evaluate" / split, ["model", "method", "idx"],
+                           where={"model": FAULT_MODELS, "method": [*FAULT_METHODS, "none"]})
+    assert not (store / "report").exists()  # --until evaluate
+    got, want = (json.loads((s / "evaluate" / "summary.json").read_text()) for s in (store, ref))
+    assert sorted(got) == FAULT_MODELS
+    for model in FAULT_MODELS:  # detection, randomisation and attack rates of the methods evaluated here
+        assert "detection_auroc_haf_eps8" in got[model] and "randomisation_tif_fc" in got[model], got[model]
+        assert got[model] == {k: want[model][k] for k in got[model]}, model
+    assert json.loads((store / "sweep" / "results.json").read_text()) == \
+        json.loads((ref / "sweep" / "results.json").read_text())
 
 
 # ------------------------------------------------------------------------------------- bad inputs

@@ -1,26 +1,16 @@
-"""The pipeline against an S3 endpoint (a local moto server): outputs, reruns, a lost endpoint, a missing bucket."""
+"""S3 faults against a local moto server: a lost endpoint, a missing bucket, an unreachable endpoint. (The whole
+pipeline on S3, with `mlflow server` and a rerun, is the job of tests/e2e/test_job_submit.py.)"""
 
-import json
 import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.integration.conftest import ROOT, S3_TEST_ENV, free_port
+from tests._services import ROOT, S3_TEST_ENV, free_port
 
 SMOKE = str(ROOT / "configs/smoke.yaml")
-# The smoke config cut to one model and one method: every stage still runs (sweep off, as it only tunes tif).
-REDUCED = ["--set", "train.modes=[erm]", "--set", "sweep.enabled=false", "--set", "evaluate.methods=[gradcam]",
-           "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0",
-           "--set", "evaluate.random_baseline=false", "--set", "evaluate.n_accuracy=16"]
-
-
 def _keys(client, bucket, prefix):
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
@@ -30,86 +20,9 @@ def test_ray_workers_see_the_test_credentials(ray_session, moto_s3):
     """Workers sign S3 requests with their own environment (Ray's start), not the driver's os.environ."""
     @ray_session.remote
     def env():
-        import os
         return {k: os.environ.get(k) for k in S3_TEST_ENV}
 
     assert ray_session.get(env.remote()) == S3_TEST_ENV
-
-
-@pytest.fixture
-def mlflow_server_s3(moto_s3, tmp_path):
-    """`mlflow server` on a free loopback port, runs in SQLite, artifacts proxied to the moto bucket."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_S3_ENDPOINT_URL": moto_s3["endpoint"]}
-    log = open(tmp_path / "mlflow-server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", f"s3://{moto_s3['bucket']}/mlflow-artifacts", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 300  # seconds on an idle box; minutes when the box is busy
-    while True:
-        try:
-            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            pass
-        assert proc.poll() is None and time.time() < deadline, (tmp_path / "mlflow-server.log").read_text()[-3000:]
-        time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
-
-
-@pytest.mark.slow
-def test_pipeline_on_s3_commits_everything_in_the_bucket_and_reruns_as_no_op(ray_session, moto_s3, mlflow_server_s3,
-                                                                              capsys):
-    """Stage outputs and Ray checkpoints in the bucket; MLflow through `mlflow server` whose artifact store
-    (figures, report, logged model) is the same S3 endpoint."""
-    from mlflow.tracking import MlflowClient
-
-    from pipelines import full
-
-    bucket, client = moto_s3["bucket"], moto_s3["client"]
-    args = ["--config", SMOKE, *REDUCED, "--set", f"storage.uri=s3://{bucket}/runs",
-            "--set", f"storage.s3_endpoint={moto_s3['endpoint']}", "--set", f"tracking.uri={mlflow_server_s3}"]
-    assert full.main(args) == 0
-    out = capsys.readouterr().out
-    assert f"Outputs: s3://{bucket}/runs/smoke" in out
-    keys = _keys(client, bucket, "runs/smoke/")
-    for stage in ("ingest", "train", "train/erm_s0", "evaluate", "report"):
-        assert f"{stage}/_manifest.json" in keys, sorted(keys)
-    for split in ("train", "val", "test", "dwsol"):
-        assert any(k.startswith(f"ingest/{split}/") and k.endswith(".parquet") for k in keys), split
-    assert any(k.startswith("evaluate/test/") and k.endswith(".parquet") for k in keys)
-    assert "train/erm_s0/model.pt" in keys and "report/report.html" in keys
-    assert any(k.startswith("ray/") and k.endswith("/state.pt") for k in keys), "Ray Train checkpoints on S3"
-    assert not any(k.startswith(("sweep/", "precompute/")) for k in keys)
-    manifest = json.loads(client.get_object(Bucket=bucket, Key="runs/smoke/evaluate/_manifest.json")["Body"].read())
-    assert manifest["rows"] == {"test": 16 * 2, "dwsol": 8}  # n_test x (gradcam + none); n_dwsol x gradcam
-    html = client.get_object(Bucket=bucket, Key="runs/smoke/report/report.html")["Body"].read()
-    assert len(html) > 5_000
-
-    artifacts = _keys(client, bucket, "mlflow-artifacts/")
-    assert any(k.endswith("/report.html") for k in artifacts), sorted(artifacts)[:20]
-    assert any(k.endswith(".png") for k in artifacts), "report figures in the S3 artifact store"
-    assert any("/model" in k or "models/" in k for k in artifacts), "the logged model in the S3 artifact store"
-    ml = MlflowClient(mlflow_server_s3)
-    exp = ml.get_experiment_by_name("xai-ray-smoke")
-    assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied by the server, not a local path
-    (erm,) = ml.search_runs([exp.experiment_id], filter_string="tags.`xai.model` = 'erm_s0'")
-    assert [m.step for m in ml.get_metric_history(erm.info.run_id, "loss")] == [1, 2]
-
-    assert full.main(args) == 0
-    assert "Nothing to do" in capsys.readouterr().out
-    again = json.loads(client.get_object(Bucket=bucket, Key="runs/smoke/evaluate/_manifest.json")["Body"].read())
-    assert again == manifest
 
 
 def _read_back(client, bucket: str, key: str) -> dict:

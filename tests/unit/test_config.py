@@ -59,3 +59,12 @@ def test_section_hash_tracks_only_its_sections():
     b = load_config(ROOT / "configs/smoke.yaml", ["evaluate.haf_steps=7"])
     assert a.section_hash("data", "train") == b.section_hash("data", "train")
     assert a.section_hash("evaluate") != b.section_hash("evaluate")
+
+
+def test_only_and_until_exclude_each_other(capsys):
+    from pipelines.full import parse_args
+
+    assert parse_args(["--until", "train"]).until == "train"
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--only", "sweep", "--until", "evaluate"])
+    assert e.value.code == 2 and "--only and --until exclude each other" in capsys.readouterr().err
