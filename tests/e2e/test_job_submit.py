@@ -127,7 +127,7 @@ def test_ray_job_submit_to_two_nodes_with_s3_and_mlflow_server_then_rerun_as_no_
             "--set", "evaluate.random_baseline=false", "--set", "evaluate.n_accuracy=16"]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps(runtime), "--", "python", "pipelines/full.py", *args]
-    deadline = time.time() + 120  # bounds a hang only
+    deadline = time.time() + 300  # bounds a hang only (a loaded box took > 120 s for the second node once)
     while True:  # both nodes registered: the job must be able to spread its workers
         nodes = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", address,
                                 "--filter", "state=ALIVE", "--format", "json"],
