@@ -27,10 +27,15 @@ CLAIMS = {
 }
 
 
-def _per_seed(df: Any, metric: str, agg: str = "mean", **where: str) -> np.ndarray:
-    sel = df
+def _where(df: Any, **where: Any) -> Any:
+    """The rows of df whose columns equal the given values."""
     for k, v in where.items():
-        sel = sel[sel[k] == v]
+        df = df[df[k] == v]
+    return df
+
+
+def _per_seed(df: Any, metric: str, agg: str = "mean", **where: str) -> np.ndarray:
+    sel = _where(df, **where)
     if metric not in sel.columns:
         return np.array([])
     return sel.groupby("seed")[metric].agg(agg).to_numpy(dtype=float)
@@ -72,9 +77,7 @@ def _worst_group(acc: Any, num_backgrounds: int) -> np.ndarray:
 
 def _grid(df: Any, metric: str, **where: Any) -> Any:
     """The metric as a seeds x images table (pandas, index seed, columns idx) of the rows matching where."""
-    sel = df
-    for k, v in where.items():
-        sel = sel[sel[k] == v]
+    sel = _where(df, **where)
     if metric not in sel.columns or sel.empty:
         return None
     return sel.pivot_table(index="seed", columns="idx", values=metric, aggfunc="mean", dropna=False)
@@ -88,11 +91,9 @@ def paired(df: Any, metric: str, a: dict, b: dict, higher_is_better: bool = True
     model comparison pairs each seed's models (they share the warm-up and the test images)."""
     ga, gb = _grid(df, metric, **a), _grid(df, metric, **b)
     kw = {"higher_is_better": higher_is_better, "statistic": statistic}
-    if ga is None or gb is None:
-        return stats.paired_difference(np.array([np.nan]), np.array([np.nan]), **kw)
-    seeds = sorted(set(ga.index) & set(gb.index))
-    items = sorted(set(ga.columns) & set(gb.columns))
-    if not seeds or not items:
+    seeds = sorted(set(ga.index) & set(gb.index)) if ga is not None and gb is not None else []
+    items = sorted(set(ga.columns) & set(gb.columns)) if seeds else []
+    if not items:  # nothing measured on both sides
         return stats.paired_difference(np.array([np.nan]), np.array([np.nan]), **kw)
     va = ga.loc[seeds, items].to_numpy(dtype=float)
     vb = gb.loc[seeds, items].to_numpy(dtype=float)
@@ -210,6 +211,7 @@ def _claim_lines(test: Any, dwsol: Any | None, summary: dict) -> list[str]:
     """One line per paper: each claimed difference, A minus its comparator, with its CI and verdict."""
     lines = []
     modes, erm_methods = set(test["mode"]), set(test[test["mode"] == "erm"].method)
+    acc = test[test.method == "none"]  # accuracy rows
 
     def line(pid: str, parts: list[str]) -> None:
         lines.append(f"- **{pid}** ({CLAIMS[pid]}) " + "; ".join(parts) + ".")
@@ -219,14 +221,12 @@ def _claim_lines(test: Any, dwsol: Any | None, summary: dict) -> list[str]:
         return f"{what}: {paired(frame, metric, a, b, higher_is_better=higher, statistic=statistic).text()}"
 
     if {"erm", "consistency"} <= modes:
-        acc = test[test.method == "none"]
         line("000", [cmp("conflicting-group accuracy, consistency vs. ERM", "correct",
                          {"mode": "consistency", "group": 1}, {"mode": "erm", "group": 1}, acc),
                      cmp("accuracy, consistency vs. ERM", "correct", {"mode": "consistency"}, {"mode": "erm"}, acc),
                      cmp("Grad-CAM EPG, consistency vs. ERM", "energy_pointing_game",
                          {"mode": "consistency", "method": "gradcam"}, {"mode": "erm", "method": "gradcam"})])
     if {"erm", "scaat"} <= modes:
-        acc = test[test.method == "none"]
         sal = {"method": "saliency"}
         line("002", [cmp("saliency Gini, SCAAT vs. ERM", "gini", {"mode": "scaat", **sal}, {"mode": "erm", **sal}),
                      cmp("saliency deletion AUC, SCAAT vs. ERM", "deletion_auc", {"mode": "scaat", **sal},

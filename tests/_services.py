@@ -16,3 +16,9 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def bucket_keys(client, bucket: str, prefix: str) -> set[str]:  # noqa: ANN001 - a boto3 client
+    """Every object key under ``prefix`` in the bucket, without the prefix."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests._procs import kill_processes_with_env
-from tests._services import ROOT, S3_TEST_ENV, free_port
+from tests._services import ROOT, S3_TEST_ENV, bucket_keys, free_port
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -97,11 +97,6 @@ def _json_list(text: str) -> list:
     return out if isinstance(out, list) else []
 
 
-def _keys(client, bucket: str, prefix: str) -> set[str]:
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
-
-
 def test_ray_job_submit_to_two_nodes_with_s3_and_mlflow_server_then_rerun_as_no_op(
         cluster, moto_s3, mlflow_server_s3, ray_session, tmp_path, capsys):
     """The deployment a user runs: the job on the cluster, stage outputs and Ray Train checkpoints in the
@@ -157,7 +152,7 @@ def test_ray_job_submit_to_two_nodes_with_s3_and_mlflow_server_then_rerun_as_no_
     assert status == "SUCCEEDED", logs[-4000:]
     assert "Done in" in logs and f"Outputs: s3://{bucket}/runs/smoke" in logs
 
-    keys = _keys(client, bucket, "runs/smoke/")
+    keys = bucket_keys(client, bucket, "runs/smoke/")
     for stage in ("ingest", "train", "train/scaat_s0", "evaluate", "report"):
         assert f"{stage}/_manifest.json" in keys, sorted(keys)
     for split in ("train", "val", "test", "dwsol"):
@@ -171,7 +166,7 @@ def test_ray_job_submit_to_two_nodes_with_s3_and_mlflow_server_then_rerun_as_no_
     assert manifest["rows"] == {"test": 16 * 2, "dwsol": 8}  # n_test x (gradcam + none); n_dwsol x gradcam
     assert len(client.get_object(Bucket=bucket, Key="runs/smoke/report/report.html")["Body"].read()) > 5_000
 
-    artifacts = _keys(client, bucket, "mlflow-artifacts/")
+    artifacts = bucket_keys(client, bucket, "mlflow-artifacts/")
     assert any(k.endswith("/report.html") for k in artifacts), sorted(artifacts)[:20]
     assert any(k.endswith(".png") for k in artifacts), "report figures in the S3 artifact store"
     assert any("/model" in k or "models/" in k for k in artifacts), "the logged model in the S3 artifact store"

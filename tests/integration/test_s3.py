@@ -8,14 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests._services import ROOT, S3_TEST_ENV, free_port
+from tests._services import ROOT, S3_TEST_ENV, bucket_keys, free_port
 
 SMOKE = str(ROOT / "configs/smoke.yaml")
-def _keys(client, bucket, prefix):
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return {o["Key"][len(prefix):] for page in pages for o in page.get("Contents", [])}
-
-
 def test_ray_workers_see_the_test_credentials(ray_session, moto_s3):
     """Workers sign S3 requests with their own environment (Ray's start), not the driver's os.environ."""
     @ray_session.remote
@@ -70,7 +65,7 @@ def test_endpoint_lost_during_the_parquet_writes_commits_nothing_then_an_outage_
         assert full.main(args) == 1
         err = capsys.readouterr().err
         assert proxy.outages == 1 and "error: " in err and "lost/smoke/ingest/" in err, err[-3000:]
-        keys = _keys(client, bucket, "lost/smoke/ingest/")
+        keys = bucket_keys(client, bucket, "lost/smoke/ingest/")
         written = sorted(k for k in keys if k.endswith(".parquet"))
         assert 2 <= len(written) < 7 and "_manifest.json" not in keys, sorted(keys)  # part of the data, no commit
         cfg = load_config(SMOKE, [*overrides, f"storage.s3_endpoint={moto_s3['endpoint']}"])  # not the lost one
@@ -106,7 +101,7 @@ def test_endpoint_lost_during_the_parquet_writes_commits_nothing_then_an_outage_
                 "val": BiasedShapes(n=d.n_val, seed=d.seed + 1, split="test", **kw),
                 "test": BiasedShapes(n=d.n_test, seed=d.seed, split="test", **kw),
                 "dwsol": BiasedShapes(n=d.n_dwsol, seed=d.seed, split="dwsol", **kw)}
-    keys = _keys(client, bucket, "lost/smoke/")
+    keys = bucket_keys(client, bucket, "lost/smoke/")
     for split, ds in expected.items():
         files = manifest["files"][split]
         assert files and all(f in keys for f in files)

@@ -62,20 +62,25 @@ def test_keep_preservation_is_the_degenerate_literal_reading():
     assert torch.equal(heat, torch.zeros(3, 16, 16))  # flat masks -> norm01 gives zeros
 
 
+class _ConvMeanFc(nn.Module):
+    """x -> 1x1 conv (1 input channel, every weight 1) -> spatial mean -> linear with ``fc_weight``
+    [classes, channels]: each class's logit is a known multiple of each channel's mean."""
+
+    def __init__(self, fc_weight: list[list[float]]):
+        super().__init__()
+        w = torch.tensor(fc_weight)
+        self.conv = nn.Conv2d(1, w.shape[1], 1, bias=False)
+        self.fc = nn.Linear(w.shape[1], w.shape[0], bias=False)
+        with torch.no_grad():
+            self.conv.weight.fill_(1.0)
+            self.fc.weight.copy_(w)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
 def test_unused_channel_mask_goes_to_zero():
-    class TwoChannel(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 2, 1, bias=False)
-            self.fc = nn.Linear(2, 2, bias=False)
-            with torch.no_grad():
-                self.conv.weight.fill_(1.0)
-                self.fc.weight.copy_(torch.tensor([[10.0, 0.0], [-10.0, 0.0]]))  # channel 1 is unused
-
-        def forward(self, x):
-            return self.fc(self.conv(x).mean(dim=(2, 3)))
-
-    model = TwoChannel()
+    model = _ConvMeanFc([[10.0, 0.0], [-10.0, 0.0]])  # channel 1 is unused
     x = torch.ones(2, 1, 4, 4)
     masks, pres = learn_masks(model, x, torch.tensor([0, 1]), layers=["conv"], steps=30, lr=0.1)
     m = masks["conv"]
@@ -89,19 +94,7 @@ def test_one_sided_preservation_drops_features_that_only_argue_against_the_class
     """Class 1 has only negative evidence (weight -10 on channel 0). Two-sided, its masks must keep channel 0
     to hold the logit at -10; one-sided, removing it RAISES the logit (to 0), so nothing needs keeping and
     every mask goes to 0, and the raw HAF map is empty. Class 0 (positive evidence) is kept either way."""
-    class OneChannel(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(1, 1, 1, bias=False)
-            self.fc = nn.Linear(1, 2, bias=False)
-            with torch.no_grad():
-                self.conv.weight.fill_(1.0)
-                self.fc.weight.copy_(torch.tensor([[10.0], [-10.0]]))
-
-        def forward(self, x):
-            return self.fc(self.conv(x).mean(dim=(2, 3)))
-
-    model, x, t = OneChannel(), torch.ones(2, 1, 4, 4), torch.tensor([0, 1])
+    model, x, t = _ConvMeanFc([[10.0], [-10.0]]), torch.ones(2, 1, 4, 4), torch.tensor([0, 1])
     kw = {"layers": ["conv"], "steps": 40, "lr": 0.1, "lam": 0.01}
     two, pres2 = learn_masks(model, x, t, **kw)
     one, pres1 = learn_masks(model, x, t, preserve="one_sided", **kw)
