@@ -87,8 +87,11 @@ def method_options(cfg: Any, method: str, alpha: float, seed: int = 0, model: to
     return opts
 
 
-def explain_fn(cfg: Any, method: str, alpha: float, seed: int = 0, raw: bool = False) -> Any:
+def explain_fn(cfg: Any, method: str, alphas: dict[str, float], seed: int = 0, raw: bool = False) -> Any:
+    """fn(model, x, target) -> maps of a method or variant at its alpha (``alpha_of(alphas, method)``)."""
     from xai_core.attribution import explain
+
+    alpha = alpha_of(alphas, method)
 
     def fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         opts = method_options(cfg, method, alpha, seed, model=model, raw=raw)
@@ -202,7 +205,7 @@ class EvalActor:
                     acc_cols[f"robust_acc_{round(eps * 255)}"] = (model(xa).argmax(1) == y).float()
             out.append(self._rows(batch, key, "none", acc_cols))
             for method in e.methods:
-                maps = explain_fn(self.cfg, method, alpha_of(self.alphas, method))(model, x, y)
+                maps = explain_fn(self.cfg, method, self.alphas)(model, x, y)
                 d_auc, d_curve = deletion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
                 i_auc, i_curve = insertion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
                 random_order = draw_generator(first, key, f"deletion_random/{method}")
@@ -231,7 +234,7 @@ class EvalActor:
         for key, model in self.models.items():
             for method in self.cfg.evaluate.methods:
                 # raw maps: the three query classes of an image on one scale (METHODS §3)
-                fn = explain_fn(self.cfg, method, alpha_of(self.alphas, method), raw=True)
+                fn = explain_fn(self.cfg, method, self.alphas, raw=True)
                 res = dwsol(model, t["image"], t["label"].long(), t["label2"].long(), t["mask"].bool(),
                             t["mask2"].bool(), fn, absent=torch.from_numpy(absent).to(self.device))
                 rows = self._rows(batch, key, method, {k: v for k, v in res.items()})
@@ -357,7 +360,7 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
             for eps in e.pgd_eps:
                 tag = f"eps{round(eps * 255)}"
                 for method in [m for m in DETECTION_METHODS if m in e.methods]:
-                    d = detection_cv(model, x, y, explain_fn(cfg, method, alpha_of(alphas, method)), eps=eps,
+                    d = detection_cv(model, x, y, explain_fn(cfg, method, alphas), eps=eps,
                                      steps=e.pgd_steps, folds=5, seed=0)
                     for k in ("auroc", "low", "high"):
                         res[f"detection_{k}_{method}_{tag}"] = float(d[k])
@@ -366,7 +369,7 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
         if e.randomisation_images:
             x, y = data["image"][: e.randomisation_images], data["label"][: e.randomisation_images].long()
             for method in [m for m in ("gradcam", "saliency", "tif", "haf") if m in e.methods]:
-                corr = model_randomisation(model, x, y, explain_fn(cfg, method, alpha_of(alphas, method)))
+                corr = model_randomisation(model, x, y, explain_fn(cfg, method, alphas))
                 for layer, rho in corr.items():
                     res[f"randomisation_{method}_{layer}"] = float(torch.nanmean(rho))
         out[key] = res

@@ -75,7 +75,7 @@ def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dic
                              figsize=(1.3 * (len(methods) + 1), 1.3 * len(models) * k), squeeze=False)
     for mi, (key, path) in enumerate(sorted(models.items())):
         model = load_model(cfg, store.read_bytes(path), path)
-        maps = {m: evaluate.explain_fn(cfg, m, evaluate.alpha_of(alphas, m))(model, x, y) for m in methods}
+        maps = {m: evaluate.explain_fn(cfg, m, alphas)(model, x, y) for m in methods}
         for i in range(k):
             r = mi * k + i
             axes[r, 0].imshow(x[i].permute(1, 2, 0).numpy())

@@ -68,7 +68,7 @@ def test_draw_generator_is_a_pure_function_of_batch_model_and_purpose(args):
 def test_variants_are_their_method_with_the_stated_options():
     """Each ablation/control row computes what its name says: the same maps as xai_core called with the
     options written out here by hand (TIF's layers are the model's default_layers: smoke sets no layers)."""
-    from pipelines.evaluate import alpha_of, explain_fn
+    from pipelines.evaluate import explain_fn
     from xai_core.attribution import explain
 
     cfg = _cfg(["tif"])
@@ -88,14 +88,14 @@ def test_variants_are_their_method_with_the_stated_options():
         "haf_one_sided": ("haf", {"steps": cfg.evaluate.haf_steps, "preserve": "one_sided"}),
     }
     for name, (method, opts) in want.items():
-        got = explain_fn(cfg, name, alpha_of(alphas, name))(model, x, y)
+        got = explain_fn(cfg, name, alphas)(model, x, y)
         torch.testing.assert_close(got, explain(model, x, y, method=method, **opts), msg=name)
     # the variants differ from the method itself (the check could not pass with the options ignored)
     tif = explain(model, x, y, method="tif", **base, alpha=0.5)
     for name in ("tif_fusion_only", "tif_one_layer", "tif_uniform"):
-        assert not torch.allclose(explain_fn(cfg, name, alpha_of(alphas, name))(model, x, y), tif), name
+        assert not torch.allclose(explain_fn(cfg, name, alphas)(model, x, y), tif), name
     # D-WSOL's raw maps: the same methods without per-map / per-layer normalisation
-    raw = explain_fn(cfg, "gradcam_fused", 0.0, raw=True)(model, x, y)
+    raw = explain_fn(cfg, "gradcam_fused", {}, raw=True)(model, x, y)
     torch.testing.assert_close(raw, explain(model, x, y, method="gradcam", layers=layers, normalize=False))
     assert not torch.allclose(raw, explain(model, x, y, method="gradcam", layers=layers))
 
