@@ -29,6 +29,10 @@ class ResourcePlan:
     actor_cpus: float
     tune_concurrency: int
     tune_trial_cpus: float
+    knob_concurrency: int = 1  # training-knob trials at once: each holds KNOB_TRIAL_CPUS + its train workers
+
+
+KNOB_TRIAL_CPUS = 0.25  # a training-knob trial's own process (it only drives its TorchTrainer)
 
 
 def resource_plan(cluster_cpus: float, num_workers: int, actors: int = 0) -> ResourcePlan:
@@ -38,8 +42,9 @@ def resource_plan(cluster_cpus: float, num_workers: int, actors: int = 0) -> Res
     n_actors = actors or max(1, int(cluster_cpus) - 1)
     actor_cpus = max(min(1.0, spare / n_actors), 0.25)
     concurrency = max(1, int(spare))
+    knob = max(1, int(spare // (max(num_workers, 1) * worker_cpus + KNOB_TRIAL_CPUS)))
     return ResourcePlan(cluster_cpus, worker_cpus, n_actors, actor_cpus, concurrency,
-                        max(min(1.0, spare / concurrency), 0.25))
+                        max(min(1.0, spare / concurrency), 0.25), knob)
 
 
 def progress(message: str) -> None:

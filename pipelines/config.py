@@ -168,6 +168,12 @@ class StorageConfig(_Section):
     uri: str = "runs"  # local directory (relative to the repo root) or s3://bucket/prefix
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for a test endpoint
     s3_region: str = "us-east-1"
+    # A stage's input split of at most this many MB (its Parquet files) is read by the driver with pyarrow
+    # and handed to Ray Data as in-memory blocks; a larger one streams through Ray Data's Parquet reader.
+    # Each streamed read starts a listing task, a footer-reader actor and a read task (Python processes):
+    # on the 2-core machine the smoke split took 2.57 s that way against 0.06 s (bench/reads.py,
+    # docs/BENCHMARKS.md). 0: always stream.
+    driver_read_mb: float = Field(256.0, ge=0)
 
 
 class TrackingConfig(_Section):

@@ -110,13 +110,19 @@ def write_split(store: st.Storage, stage: str, split: str, ds: Any, shards: int)
 def read_split(store: st.Storage, manifest: dict, split: str) -> Any:
     """A Ray Dataset over exactly the files a stage's manifest lists for a split, in their order
     (``common.in_order``: batches, ``limit`` and the first epoch do not depend on which read task finished
-    first; Ray 2.60 packs small files into one read task: repartition before an actor pool, see
-    ``common.pool_map``)."""
+    first). A split of at most ``store.driver_read_mb`` is read here with pyarrow, one in-memory block per
+    file (no read tasks, no footer-reader actors); a larger one streams through ``read_parquet`` (Ray 2.60
+    packs small files into one read task: repartition before an actor pool, see ``common.pool_map``)."""
     import ray.data
 
     files = [store.path(f) for f in manifest["files"][split]]
     if not files:
         raise ValueError(f"stage {manifest['stage']!r} has no files for split {split!r}")
+    size = sum(i.size or 0 for i in store.fs.get_file_info(files))
+    if size <= store.driver_read_mb * 2**20:
+        import pyarrow.parquet as pq
+
+        return in_order(ray.data.from_arrow([pq.read_table(f, filesystem=store.fs) for f in files]))
     with footer_readers(len(files)):
         return in_order(ray.data.read_parquet(files, filesystem=store.fs))
 

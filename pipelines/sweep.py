@@ -13,7 +13,7 @@ from typing import Any
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import THRESHOLDED, ingest_config
+from pipelines.common import KNOB_TRIAL_CPUS, THRESHOLDED, ingest_config
 
 log = logging.getLogger("xai.sweep")
 STAGE = "sweep"
@@ -191,14 +191,14 @@ def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker
 
     space = {k: ray.tune.choice(v) for k, v in cfg.sweep.train_space.items()}
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(train_trial, {"cpu": 0.25}),
+        ray.tune.with_resources(train_trial, {"cpu": KNOB_TRIAL_CPUS}),
         param_space={"knobs": space, "cfg": cfg.model_dump(mode="json"), "ingest": ingest_manifest,
                      "storage": store.args(),
                      "cpus": plan.train_worker_cpus},
         tune_config=ray.tune.TuneConfig(metric="val_acc", mode="max", num_samples=cfg.sweep.train_trials,
                                         scheduler=ASHAScheduler(max_t=cfg.sweep.train_epochs, grace_period=1,
                                                                 time_attr="epoch"),
-                                        max_concurrent_trials=1),
+                                        max_concurrent_trials=plan.knob_concurrency),
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-train-knobs", storage_path=store.path("tune"),
                                       storage_filesystem=store.fs if store.is_s3 else None),
     )

@@ -58,8 +58,11 @@ def test_warmup_epochs_and_resource_plan():
     plan = resource_plan(2, num_workers=2)  # RAY_NOTES: never take every CPU on a 2-CPU cluster
     assert plan.actors == 1 and plan.actors * plan.actor_cpus <= 1
     assert 2 * plan.train_worker_cpus <= 1
+    assert plan.knob_concurrency == 1  # 2 x 0.5 CPU of workers + 0.25 of the trial: one trial fits in 1
     big = resource_plan(16, num_workers=4, actors=0)
     assert big.actors == 15 and big.train_worker_cpus == 1.0
+    assert big.knob_concurrency == 3  # 15 spare // (4 x 1.0 + 0.25)
+    assert resource_plan(4, num_workers=1).knob_concurrency == 2  # the test session's Ray: 3 // 1.25
 
 
 class _FakeShard:
