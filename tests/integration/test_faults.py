@@ -99,11 +99,13 @@ def _kill_own_ray(proc: subprocess.Popen | None, marker: str) -> None:
     kill_processes_with_env(marker)
 
 
-# What the fault runs evaluate: a subset of the smoke run's methods (one per family the evaluate actor runs:
-# CAM, gradient + TIF, HAF; both swept methods, so the sweep is the smoke run's; the detection methods) and
-# no random-weights baseline. Every row is computed per (model, method, image), so these rows must equal the
-# smoke run's rows of the same models and methods; the report is not run (--until evaluate).
-FAULT_METHODS = ["gradcam", "gradcam_thresholded", "tif", "haf"]
+# What the fault runs evaluate: a subset of the smoke run's methods (the CAM and HAF families the evaluate actor
+# runs, with the detection methods) and no random-weights baseline. No swept method (tif, the thresholded
+# control), so the alpha sweep does not run: it has no process to lose that evaluate's actor pool does not
+# have too, and the smoke run and tests/integration/test_pipeline.py cover it. Every row is computed per
+# (model, method, image), so these rows must equal the smoke run's rows of the same models and methods; the
+# report is not run (--until evaluate).
+FAULT_METHODS = ["gradcam", "haf"]
 FAULT_MODELS = ["consistency_s0", "erm_s0", "scaat_s0"]
 
 
@@ -114,7 +116,7 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(request, t
     round 1 (it restarts and redoes the batch), and then the driver while SCAAT trains (after its epoch-1
     checkpoint; ERM and consistency are committed). Run 2, the same command: the committed stages and models
     are skipped, SCAAT resumes from its checkpoint, and an evaluate actor is SIGKILLed inside its test batch.
-    Weights, precompute rows, evaluate tables, checks and sweep end equal to the shared smoke run's, which
+    Weights, precompute rows, evaluate tables and checks end equal to the shared smoke run's, which
     lost nothing; MLflow steps never repeat. The smoke run is asked for only at the comparison: with
     pytest-xdist the fault runs go on while another worker runs it."""
     from mlflow.tracking import MlflowClient
@@ -178,7 +180,7 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(request, t
         _kill_own_ray(proc, marker)  # leftovers of the rerun's Ray, if any
         shutil.rmtree(ray_tmp, ignore_errors=True)
     out = log2.read_text()
-    assert "skipped committed ingest" in out and "ran train, sweep, evaluate;" in out, out[-3000:]
+    assert "skipped committed ingest" in out and "ran train, evaluate;" in out, out[-3000:]
     assert "train: erm_s0 already committed, skipped" in out and "consistency_s0 already committed" in out
     assert "[scaat s0] resumed from epoch 1" in out  # from the killed run's Ray Train checkpoint
     assert (store / "ingest" / "_manifest.json").read_text() == ingest_before  # not rewritten
@@ -205,10 +207,9 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(request, t
     got, want = (json.loads((s / "evaluate" / "summary.json").read_text()) for s in (store, ref))
     assert sorted(got) == FAULT_MODELS
     for model in FAULT_MODELS:  # detection, randomisation and attack rates of the methods evaluated here
-        assert "detection_auroc_haf_eps8" in got[model] and "randomisation_tif_fc" in got[model], got[model]
+        assert "detection_auroc_haf_eps8" in got[model] and "randomisation_haf_fc" in got[model], got[model]
         assert got[model] == {k: want[model][k] for k in got[model]}, model
-    assert json.loads((store / "sweep" / "results.json").read_text()) == \
-        json.loads((ref / "sweep" / "results.json").read_text())
+    assert not (store / "sweep").exists()  # nothing swept is evaluated here
 
 
 # ------------------------------------------------------------------------------------- bad inputs

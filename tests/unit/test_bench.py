@@ -123,6 +123,15 @@ def test_passes_tiny_counts_the_algorithms_passes(tmp_path):
 
 
 @pytest.mark.bench
+def test_reads_smoke_split(tmp_path):
+    from bench import reads
+
+    (row,) = reads.main(["--splits", "smoke", "--repeats", "1", "--out-dir", str(tmp_path)])["rows"]
+    assert row["images"] == 192 and row["files"] == 2 and row["same_rows"]
+    assert _positive_finite(row["driver_s"]) and _positive_finite(row["streamed_s"])
+
+
+@pytest.mark.bench
 def test_pass_size_tiny(tmp_path):
     from bench import pass_size
 
