@@ -7,7 +7,7 @@ through Ray Data's Parquet reader, same files, side by side in one Ray instance.
 Each timed call builds the dataset with ``read_split`` and materialises it (every block in the object
 store), i.e. what a stage pays before its first batch: for the streamed read, the listing task, the
 footer-reader actor(s) and the read task (Python processes to start); for the driver read, pyarrow in this
-process and one ``ray.put`` per file. The storage limit (``storage.driver_read_mb``) is set per side
+process and one ``ray.put`` per file. The storage limit (``storage.driver_io_mb``) is set per side
 (0: always stream; the split's size + 1 MiB: read by the driver). Rows, their order and every column's bytes
 are checked equal between the two sides. Calls alternate (``bench._timing.measure``), one untimed warm-up
 round; medians. Writes bench/results/reads.json and prints a markdown table.
@@ -49,7 +49,7 @@ def run_split(name: str, repeats: int, root: str) -> dict:
     store, manifest = prepare_store(cfg, root)
     files = [store.path(f) for f in manifest["files"]["train"]]
     mib = sum(os.path.getsize(f) for f in files) / 2**20
-    sides = {"driver": Storage(root, driver_read_mb=mib + 1.0), "streamed": Storage(root, driver_read_mb=0.0)}
+    sides = {"driver": Storage(root, driver_io_mb=mib + 1.0), "streamed": Storage(root, driver_io_mb=0.0)}
     digests = {k: _digest(ingest.read_split(s, manifest, "train")) for k, s in sides.items()}
     if len(set(digests.values())) != 1:
         raise SystemExit(f"{name}: the two reads differ: {digests}")

@@ -170,10 +170,11 @@ class StorageConfig(_Section):
     s3_region: str = "us-east-1"
     # A stage's input split of at most this many MB (its Parquet files) is read by the driver with pyarrow
     # and handed to Ray Data as in-memory blocks; a larger one streams through Ray Data's Parquet reader.
+    # Ingest writes splits of at most this many MB (arrays in memory) with pyarrow, larger ones with Ray Data.
     # Each streamed read starts a listing task, a footer-reader actor and a read task (Python processes):
     # on the 2-core machine the smoke split took 2.57 s that way against 0.06 s (bench/reads.py,
     # docs/BENCHMARKS.md). 0: always stream.
-    driver_read_mb: float = Field(256.0, ge=0)
+    driver_io_mb: float = Field(256.0, ge=0)
 
 
 class TrackingConfig(_Section):

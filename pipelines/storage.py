@@ -27,7 +27,7 @@ class Storage:
     root_uri: str
     s3_endpoint: str | None = None
     s3_region: str = "us-east-1"
-    driver_read_mb: float = 256.0  # ingest.read_split: splits up to this size are read by the driver
+    driver_io_mb: float = 256.0  # ingest: splits up to this size are read (and written) by the driver
 
     def __post_init__(self) -> None:
         if self.root_uri.startswith("s3://"):
@@ -50,7 +50,7 @@ class Storage:
 
     def args(self) -> list:
         """What ``Storage(*args)`` rebuilds this store from in another process (Ray workers and actors)."""
-        return [self.root_uri, self.s3_endpoint, self.s3_region, self.driver_read_mb]
+        return [self.root_uri, self.s3_endpoint, self.s3_region, self.driver_io_mb]
 
     @property
     def bucket(self) -> str:
@@ -162,7 +162,7 @@ def from_config(cfg: Any) -> Storage:
     if not uri.startswith("s3://") and not os.path.isabs(uri):
         uri = str(Path(__file__).resolve().parents[1] / uri)
     return Storage(f"{uri.rstrip('/')}/{cfg.name}", cfg.storage.s3_endpoint, cfg.storage.s3_region,
-                   cfg.storage.driver_read_mb)
+                   cfg.storage.driver_io_mb)
 
 
 def committed(store: Storage, stage: str, config_hash: str) -> dict | None:

@@ -21,11 +21,11 @@ def _footer_actor_ids() -> set[str]:
                                            limit=10_000, raise_on_missing_output=False)}
 
 
-def _write_split(tmp_path, files: int, rows: int, driver_read_mb: float = 0.0) -> tuple[st.Storage, dict]:
+def _write_split(tmp_path, files: int, rows: int, driver_io_mb: float = 0.0) -> tuple[st.Storage, dict]:
     """``files`` Parquet files of ``rows`` rows (idx, label and a [2, 3] uint8 tensor column)."""
     from ray.data.extensions import ArrowTensorArray
 
-    store = st.Storage(str(tmp_path), driver_read_mb=driver_read_mb)
+    store = st.Storage(str(tmp_path), driver_io_mb=driver_io_mb)
     names = []
     for f in range(files):
         name = f"ingest/train/part-{f:03d}.parquet"
@@ -55,7 +55,7 @@ def test_read_split_starts_one_footer_reader_per_ten_files_and_keeps_file_order(
 
     if not getattr(ray.data.DataContext.get_current(), "use_datasource_v2", False):
         pytest.skip("this Ray reads Parquet without footer-reader actors (datasource V2 is off)")
-    store, manifest = _write_split(tmp_path, files, rows=5)  # driver_read_mb=0: always streamed
+    store, manifest = _write_split(tmp_path, files, rows=5)  # driver_io_mb=0: always streamed
     before = _footer_actor_ids()
     rows = ingest.read_split(store, manifest, "train").take_all()
     started = _footer_actor_ids() - before
@@ -66,12 +66,12 @@ def test_read_split_starts_one_footer_reader_per_ten_files_and_keeps_file_order(
 
 
 def test_a_small_split_is_read_by_the_driver_as_the_streamed_read_gives_it(ray_session, tmp_path):
-    """Under ``driver_read_mb`` (the whole split's files): one in-memory block per file, no footer-reader
+    """Under ``driver_io_mb`` (the whole split's files): one in-memory block per file, no footer-reader
     actor, and every row, column and tensor value in the order the streamed read gives."""
     import ray.data
 
     streamed, manifest = _write_split(tmp_path, 3, rows=4)  # 3 files of 4 rows, a few kB
-    small = st.Storage(str(tmp_path), driver_read_mb=1.0)
+    small = st.Storage(str(tmp_path), driver_io_mb=1.0)
     before = _footer_actor_ids()
     ds = ingest.read_split(small, manifest, "train")
     assert ds.num_blocks() == 3 and ds.context.execution_options.preserve_order
@@ -84,7 +84,7 @@ def test_a_small_split_is_read_by_the_driver_as_the_streamed_read_gives_it(ray_s
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["image"], a["idx"] + np.arange(6).reshape(2, 3))
     if getattr(ray.data.DataContext.get_current(), "use_datasource_v2", False):  # over the limit: streamed
-        tiny = st.Storage(str(tmp_path), driver_read_mb=1e-4)  # 105 bytes, less than one file
+        tiny = st.Storage(str(tmp_path), driver_io_mb=1e-4)  # 105 bytes, less than one file
         before = _footer_actor_ids()
         assert [r["idx"] for r in ingest.read_split(tiny, manifest, "train").take_all()] == list(range(12))
         assert len(_footer_actor_ids() - before) == 1

@@ -31,20 +31,47 @@ def _read_back(client, bucket: str, key: str) -> dict:
     return numpy_columns(pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())))
 
 
-def _ingest_args(proxy, bucket: str, db: Path) -> tuple[list[str], list[str]]:
+def _ingest_args(proxy, bucket: str, db: Path, driver_io_mb: float = 0.0) -> tuple[list[str], list[str]]:
+    """driver_io_mb=0: the splits go through Ray Data's Parquet writer (the path of splits above the limit)."""
     overrides = [f"storage.uri=s3://{bucket}/lost", f"storage.s3_endpoint={proxy.endpoint}",
+                 f"storage.driver_io_mb={driver_io_mb}",
                  "data.rows_per_shard=48"]  # 4 + 1 + 1 + 1 files: a cut at the third falls inside the writes
     return overrides, ["--config", SMOKE, "--only", "ingest", *[a for c in (
         *overrides, f"tracking.uri=sqlite:///{db}") for a in ("--set", c)]]
 
 
+def test_endpoint_lost_during_the_drivers_parquet_writes_commits_nothing(ray_session, moto_s3, tmp_path, capsys):
+    """Small splits are written by the driver (pyarrow): the endpoint goes away for good as the third upload
+    starts; the run fails naming the stage's path, part of the files are in the bucket, no manifest."""
+    from pipelines import full, ingest
+    from pipelines import storage as st
+    from pipelines.config import load_config
+    from tests._proxy import CuttableProxy
+
+    bucket, client = moto_s3["bucket"], moto_s3["client"]
+    proxy = CuttableProxy(moto_s3["port"], cut_at=3)
+    overrides, args = _ingest_args(proxy, bucket, tmp_path / "driver.db", driver_io_mb=256.0)
+    try:
+        assert full.main(args) == 1
+        err = capsys.readouterr().err
+        assert proxy.outages == 1 and "error: " in err and "lost/smoke/ingest/" in err, err[-3000:]
+        keys = bucket_keys(client, bucket, "lost/smoke/ingest/")
+        assert sorted(k for k in keys if k.endswith(".parquet")) == ["train/part-00000.parquet",
+                                                                      "train/part-00001.parquet"], sorted(keys)
+        assert "_manifest.json" not in keys
+        cfg = load_config(SMOKE, [*overrides, f"storage.s3_endpoint={moto_s3['endpoint']}"])
+        assert st.committed(st.from_config(cfg), ingest.STAGE, ingest.config_hash(cfg)) is None
+    finally:
+        proxy.close()
+
+
 @pytest.mark.slow
 def test_endpoint_lost_during_the_parquet_writes_commits_nothing_then_an_outage_is_ridden_out(
         ray_session, moto_s3, tmp_path, capsys):
-    """The endpoint (a proxy in front of moto) goes away as the third Parquet upload of ingest starts.
-    For good (Ray Data's retries of network errors off): the run fails, two files are in the bucket and no
-    manifest. For a few seconds (Ray Data's default retries on): the rerun rides it out and commits. Every
-    split read back from the bucket then equals the dataset generated here directly."""
+    """The endpoint (a proxy in front of moto) goes away as the third Parquet upload of ingest (through Ray
+    Data's writer) starts. For good (Ray Data's retries of network errors off): the run fails, two files are
+    in the bucket and no manifest. For a few seconds (Ray Data's default retries on): the rerun rides it out
+    and commits. Every split read back from the bucket then equals the dataset generated here directly."""
     import threading
 
     import ray.data
