@@ -79,6 +79,11 @@ class TrainConfig(_Section):
     # A worker keeps its shard in memory after the first epoch when it is at most this size (0: stream every
     # epoch from Ray Data). Later epochs then shuffle in-process instead of re-reading Parquet.
     cache_shard_mb: int = Field(2048, ge=0)
+    # Checkpoint selection (declared, docs/EVALUATION.md): after every epoch rank 0 measures validation accuracy
+    # and worst-group accuracy (the lowest over (class, background) groups with >= val_min_group validation
+    # images; class groups for data without backgrounds); both the last epoch and the epoch of best
+    # validation worst-group accuracy are kept (evaluate.checkpoint picks the one evaluated).
+    val_min_group: int = Field(20, ge=1)
 
 
 class ConsistencyConfig(_Section):
@@ -114,6 +119,12 @@ class PrecomputeConfig(_Section):
 
 class EvaluateConfig(_Section):
     methods: list[str] = list(EVAL_METHODS)
+    # which checkpoint of each model is evaluated: the last epoch, or the epoch of best validation worst-group
+    # accuracy (train.val_min_group); both are in the train manifest and MLflow whichever is chosen
+    checkpoint: Literal["last", "best_val_worst_group"] = "last"
+    # images per committed shard of a split (rounded up to a multiple of batch_size, so batches are the
+    # same as unsharded): a killed evaluate resumes after its last committed shard
+    shard_images: int = Field(1024, ge=1)
     n_test: int = Field(256, ge=1)  # test images with PGD and attribution rows (first n of the test split)
     n_accuracy: int = Field(0, ge=0)  # test images for clean accuracy and groups (forwards only); 0: all
     random_baseline: bool = True  # also evaluate the architecture with fresh weights, one per seed (sanity)

@@ -270,8 +270,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     h = config_hash(cfg, alphas)
     if not force and (m := st.committed(store, STAGE, h)):
         return m, False
-    st.begin(store, STAGE)
-    models = {k: p for k, p in train_manifest["files"].items()}
+    _begin_keeping_shards(store, h, force)
+    models = evaluated_checkpoints(cfg, train_manifest)
     evaluated = {**models, **(random_models(cfg, store) if cfg.evaluate.random_baseline else {})}
     files, rows = {}, {}
     e = cfg.evaluate
@@ -282,19 +282,34 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                                                          columns=["idx"])["idx"]]
     splits = [("test", n_acc, n_attr)] + ([("dwsol", min(e.n_dwsol, ingest_manifest["rows"]["dwsol"]), None)]
                                           if e.n_dwsol and "dwsol" in ingest_manifest["files"] else [])
+    size = -(-e.shard_images // e.batch_size) * e.batch_size  # whole batches: the same batches as unsharded
     for split, n, n_methods in splits:
-        out = pool_map(ingest.read_split(store, ingest_manifest, split).limit(n), EvalActor, {
-            "cfg_json": cfg.model_dump(mode="json"), "models": evaluated, "alphas": alphas, "split": split,
-            "storage": store.args(), "attribute": attribute if split == "test" else None},
-            rows=n, plan=plan, batch_size=e.batch_size)
-        files[split] = ingest.write_split(store, STAGE, split, out, 1)
-        rows[split] = sum(int(pq_rows) for pq_rows in _rows_of(store, files[split]))
-        if split == "test":  # accuracy rows for every image, method rows for the attribution subset
-            expected = len(evaluated) * (n + n_methods * len(e.methods))
-        else:
-            expected = n * len(evaluated) * len(e.methods)
-        if rows[split] != expected:  # a retried batch must not be counted twice, nor one lost
-            raise RuntimeError(f"evaluate {split}: wrote {rows[split]} rows, expected {expected}")
+        files[split], rows[split] = [], 0
+        for lo in range(0, n, size):
+            hi = min(lo + size, n)
+            shard = f"{STAGE}/{split}/{lo:06d}"
+            if split == "test":  # accuracy rows for every image, method rows for the attribution subset
+                expected = len(evaluated) * ((hi - lo) + max(0, min(hi, n_methods) - lo) * len(e.methods))
+            else:
+                expected = (hi - lo) * len(evaluated) * len(e.methods)
+            if (done := st.committed(store, shard, h)) is not None:
+                log.info("evaluate: %s images %d-%d already committed, skipped", split, lo, hi - 1)
+            else:
+                st.begin(store, shard)
+                src = ingest.read_split(store, ingest_manifest, split)  # rows in idx order (in_order)
+                src = src.limit(hi) if lo == 0 else src.filter(expr=f"idx >= {lo} and idx < {hi}")
+                out = pool_map(src, EvalActor, {
+                    "cfg_json": cfg.model_dump(mode="json"), "models": evaluated, "alphas": alphas, "split": split,
+                    "storage": store.args(), "attribute": attribute if split == "test" else None},
+                    rows=hi - lo, plan=plan, batch_size=e.batch_size)
+                written = ingest.write_split(store, f"{STAGE}/{split}", f"{lo:06d}", out, 1)
+                got = sum(int(r) for r in _rows_of(store, written))
+                if got != expected:  # a retried batch must not be counted twice, nor one lost
+                    raise RuntimeError(f"evaluate {split} images {lo}-{hi - 1}: wrote {got} rows, expected {expected}")
+                done = st.commit(store, shard, h, files=written, rows=got)
+                log.info("evaluate: %s images %d-%d committed (%d of %d)", split, lo, hi - 1, hi, n)
+            files[split] += done["files"]
+            rows[split] += done["rows"]
     summary = dataset_checks(cfg, store, ingest_manifest, models, alphas)
     store.write_json(summary, STAGE, "summary.json")
     manifest = st.commit(store, STAGE, h, files=files, rows=rows, alphas=alphas, models=sorted(evaluated),
@@ -304,6 +319,41 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         tracker.log_metrics(stage_run, {f"{key}/{k}": v for k, v in metrics.items()})
     tracker.log_metrics(stage_run, _flat_summary(summary))
     return manifest, True
+
+
+def _begin_keeping_shards(store: st.Storage, h: str, force: bool) -> None:
+    """Start the stage again, keeping the split shards committed under this config hash (unless forced):
+    a killed evaluate resumes after its last committed shard. Everything else of the stage is removed."""
+    import pyarrow.fs as pafs
+
+    if force or not store.exists(STAGE):
+        st.begin(store, STAGE)
+        return
+    if store.exists(STAGE, st.MANIFEST):
+        store.fs.delete_file(store.path(STAGE, st.MANIFEST))
+    for info in store.fs.get_file_info(pafs.FileSelector(store.path(STAGE))):
+        name = info.path.rstrip("/").rsplit("/", 1)[-1]
+        if info.type == pafs.FileType.Directory and name in ("test", "dwsol"):
+            for shard in store.fs.get_file_info(pafs.FileSelector(info.path)):
+                lo = shard.path.rstrip("/").rsplit("/", 1)[-1]
+                if shard.type != pafs.FileType.Directory or st.committed(store, f"{STAGE}/{name}/{lo}", h) is None:
+                    (store.fs.delete_dir if shard.type == pafs.FileType.Directory else store.fs.delete_file)(shard.path)
+        elif info.type == pafs.FileType.Directory:
+            store.fs.delete_dir(info.path)
+        else:
+            store.fs.delete_file(info.path)
+
+
+def evaluated_checkpoints(cfg: Any, train_manifest: dict) -> dict[str, str]:
+    """{model: checkpoint path} of the checkpoint ``evaluate.checkpoint`` names (train.select_checkpoints)."""
+    which = cfg.evaluate.checkpoint
+    if which == "last":
+        return dict(train_manifest["files"])
+    missing = [k for k in train_manifest["files"] if which not in train_manifest.get("checkpoints", {}).get(k, {})]
+    if missing:
+        raise ValueError(f"evaluate.checkpoint={which!r}: the train manifest has no such checkpoint for "
+                         f"{missing} (trained before checkpoint selection existed: rerun with --force train)")
+    return {k: train_manifest["checkpoints"][k][which]["path"] for k in train_manifest["files"]}
 
 
 def random_models(cfg: Any, store: st.Storage) -> dict[str, str]:

@@ -176,6 +176,24 @@ def weights_figure(store: st.Storage, rounds: list[dict]) -> Any | None:
     return fig
 
 
+def checkpoint_table(cfg: Any, train_manifest: dict) -> Any:
+    """Per model: the last epoch and the epoch of best validation worst-group accuracy, their validation
+    accuracies, and which of the two was evaluated (evaluate.checkpoint)."""
+    import pandas as pd
+
+    rows = {}
+    for key in sorted(train_manifest["files"]):
+        ck = train_manifest.get("checkpoints", {}).get(key, {})
+        row = {}
+        for which, label in (("last", "last"), ("best_val_worst_group", "best val worst group")):
+            c = ck.get(which, {})
+            row.update({f"{label}: epoch": c.get("epoch"), f"{label}: val acc": c.get("val_acc"),
+                        f"{label}: val worst group": c.get("val_worst_group_acc")})
+        row["evaluated"] = cfg.evaluate.checkpoint
+        rows[key] = row
+    return pd.DataFrame.from_dict(rows, orient="index")
+
+
 def _table_html(df: Any, title: str) -> str:
     return f"<h2>{html.escape(title)}</h2>" + df.to_html(float_format=lambda v: f"{v:.3f}", border=0)
 
@@ -196,14 +214,17 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         return m, False
     st.begin(store, STAGE)
     test = evaluate.read_frame(store, eval_manifest, "test")
-    tables = {"Accuracy, worst group and PGD robustness": accuracy_table(test),
+    tables = {f"Checkpoints (validation worst group: >= {cfg.train.val_min_group} images per group)":
+              checkpoint_table(cfg, train_manifest),
+              "Accuracy, worst group and PGD robustness": accuracy_table(test),
               "Attribution metrics on the test split (mean per model and method)": metric_table(test, TEST_METRICS)}
     if "dwsol" in eval_manifest["files"]:
         tables["D-WSOL (METHODS §3a)"] = metric_table(evaluate.read_frame(store, eval_manifest, "dwsol"),
                                                       DWSOL_METRICS)
     summary = store.read_json(evaluate.STAGE, "summary.json") if store.exists(evaluate.STAGE, "summary.json") else {}
     alphas = eval_manifest.get("alphas") or default_alphas(cfg)
-    figures = {"heatmaps": heatmap_grid(cfg, store, ingest_manifest, train_manifest["files"], alphas),
+    evaluated = evaluate.evaluated_checkpoints(cfg, train_manifest)
+    figures = {"heatmaps": heatmap_grid(cfg, store, ingest_manifest, evaluated, alphas),
                "deletion_insertion_curves": curves_figure(store, eval_manifest)}
     if sweep_result:
         figures["alpha_curve"] = alpha_figure(sweep_result)

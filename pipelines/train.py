@@ -67,6 +67,26 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str
     return weighted_cross_entropy(logits, y, w.float()), logits, {"w_mean": float(w.mean())}
 
 
+def val_metrics(model: torch.nn.Module, val: dict[str, torch.Tensor], min_group: int, num_backgrounds: int,
+                batch_size: int) -> dict[str, float]:
+    """Validation accuracy and worst-group accuracy of ``model`` (forwards only, eval mode, no gradients: the
+    training trajectory is untouched). Groups are (class, background) pairs, or classes where the data
+    have no backgrounds (-1); the worst is over groups of >= ``min_group`` images (NaN if none has)."""
+    from xai_core.metrics.groups import group_accuracy, group_ids
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        pred = torch.cat([model(val["image"][i:i + batch_size]).argmax(1)
+                          for i in range(0, len(val["label"]), batch_size)])
+    model.train(was_training)
+    correct = (pred == val["label"]).cpu()
+    labels, bgs = val["label"].cpu().long(), val["background"].cpu().long()
+    groups = labels if bool((bgs < 0).any()) else group_ids(labels, bgs, num_backgrounds)
+    acc = group_accuracy(correct, groups, min_size=min_group)
+    return {"val_acc": acc["mean"], "val_worst_group_acc": acc["worst"]}
+
+
 def train_loop(lc: dict) -> None:
     """Per-worker training function (Ray Train). lc: cfg, mode, epochs, epoch_offset, init_path, run_id."""
     import ray.train
@@ -117,6 +137,11 @@ def train_loop(lc: dict) -> None:
                 logged = resumed
             tracker.log_metrics(lc["run_id"], {"resumed_from_epoch": resumed}, step=resumed)
             progress(f"[{lc['mode']} s{lc['seed']}] resumed from epoch {resumed} (Ray Train checkpoint)")
+    val = None
+    if rank == 0 and lc.get("val"):
+        cols = ingest.read_split_numpy(st.Storage(*lc["storage"]), lc["val"], "val",
+                                       columns=["image", "label", "background"])
+        val = to_tensors(cols, device)
     shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device)
     cache = ShardCache(cfg.train.cache_shard_mb * 2**20)
@@ -151,6 +176,9 @@ def train_loop(lc: dict) -> None:
         metrics = {"loss": loss_sum / max(tot, 1), "train_acc": correct / max(tot, 1),
                    "epoch_seconds": time.time() - t0,
                    "input_wait_seconds": waited, **{k: v / max(tot, 1) for k, v in extra_sum.items()}}
+        if val is not None:
+            metrics.update(val_metrics(getattr(model, "module", model), val, cfg.train.val_min_group,
+                                       cfg.data.num_classes, cfg.train.batch_size))
         if tracker is not None:
             progress(f"[{lc['mode']} s{lc['seed']}] epoch {step}: loss {metrics['loss']:.4f} "
                      f"train_acc {metrics['train_acc']:.3f} ({metrics['epoch_seconds']:.1f}s, "
@@ -256,7 +284,7 @@ def sync_grads(model: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------ driver
 def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: int, name: str,
         run_id: str | None, tracking_uri: str, plan: Any, init_path: str | None = None,
-        epoch_offset: int = 0) -> tuple[dict[int, bytes], int]:
+        epoch_offset: int = 0, val: dict | None = None) -> tuple[dict[int, bytes], int]:
     """Run one TorchTrainer fit; returns ({epoch: state bytes} of kept checkpoints, final epoch)."""
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -270,7 +298,7 @@ def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: i
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "mode": mode, "seed": seed,
                            "epochs": epochs, "epoch_offset": epoch_offset, "init_path": init_path,
                            "run_id": run_id, "tracking_uri": tracking_uri,
-                           "storage": store.args()},
+                           "storage": store.args(), "val": val},
         scaling_config=scaling,
         datasets={"train": ds},
         dataset_config=ingest_config(),
@@ -300,10 +328,40 @@ def _model_done(store: st.Storage, key: str, h: str) -> bool:
     return st.committed(store, f"{STAGE}/{key}", h) is not None
 
 
-def _save_model(store: st.Storage, key: str, h: str, data: bytes, **fields: Any) -> None:
+VAL_KEYS = ("val_acc", "val_worst_group_acc")
+
+
+def epoch_records(states: dict[int, bytes], offset: int = 0) -> list[tuple[int, dict, bytes]]:
+    """(global epoch, the epoch's metrics, checkpoint bytes) of a fit's kept checkpoints, in epoch order."""
+    return [(offset + e, load_state(d).get("metrics", {}), d) for e, d in sorted(states.items())]
+
+
+def select_checkpoints(records: list[tuple[int, dict, bytes]]) -> dict[str, tuple[int, dict, bytes]]:
+    """The last epoch and the epoch of best validation worst-group accuracy (the earliest of equal ones;
+    the last where no epoch has a finite value: no validation group was large enough)."""
+    last = records[-1]
+    scored = [r for r in records if np.isfinite(r[1].get("val_worst_group_acc", float("nan")))]
+    best = max(scored, key=lambda r: (r[1]["val_worst_group_acc"], -r[0])) if scored else last
+    return {"last": last, "best_val_worst_group": best}
+
+
+def _save_model(store: st.Storage, key: str, h: str, records: list[tuple[int, dict, bytes]],
+                **fields: Any) -> dict:
+    """Commit the model's last checkpoint (model.pt) and its best-validation one (best.pt, or model.pt when
+    it is the last); returns the checkpoints' manifest entry {which: {epoch, path, val_acc, ...}}."""
+    chosen = select_checkpoints(records)
     st.begin(store, f"{STAGE}/{key}")
-    store.write_bytes(data, STAGE, key, "model.pt")
-    st.commit(store, f"{STAGE}/{key}", h, files={"model": f"{STAGE}/{key}/model.pt"}, **fields)
+    checkpoints = {}
+    for which, (epoch, metrics, data) in chosen.items():
+        name = "model.pt" if which == "last" or epoch == chosen["last"][0] else "best.pt"
+        if name == "best.pt" or which == "last":
+            store.write_bytes(data, STAGE, key, name)
+        checkpoints[which] = {"epoch": epoch, "path": f"{STAGE}/{key}/{name}",
+                              **{k: float(metrics[k]) if np.isfinite(metrics[k]) else None  # JSON: no NaN
+                                 for k in VAL_KEYS if k in metrics}}
+    st.commit(store, f"{STAGE}/{key}", h, files={"model": f"{STAGE}/{key}/model.pt"}, checkpoints=checkpoints,
+              **fields)
+    return checkpoints
 
 
 def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_run: str,
@@ -321,7 +379,10 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
     elif store.exists(STAGE, st.MANIFEST):  # committed for another config: each model's own manifest
         store.fs.delete_file(store.path(STAGE, st.MANIFEST))  # decides whether it is trained again
     train_ds = ingest.read_split(store, ingest_manifest, "train").select_columns(["idx", "image", "label"])
+    val = {"stage": ingest_manifest["stage"], "files": {"val": ingest_manifest["files"]["val"]}} \
+        if ingest_manifest["files"].get("val") else None
     models: dict[str, str] = {}
+    checkpoints: dict[str, dict] = {}
     for seed in cfg.train.seeds:
         for mode in cfg.train.modes:
             key = model_key(mode, seed)
@@ -329,26 +390,30 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
             mh = model_hash(cfg, mode, seed)
             if _model_done(store, key, mh):
                 log.info("train: %s already committed, skipped", key)
+                checkpoints[key] = st.committed(store, f"{STAGE}/{key}", mh).get("checkpoints", {})
                 continue
             run_id = tracker.find_or_create(f"train/{key}", {"xai.stage": "train", "xai.model": key},
                                             parent_id=stage_run)
             tracker.log_params(run_id, {"mode": mode, "seed": seed, "train": cfg.train.model_dump(),
                                         mode: getattr(cfg, mode).model_dump() if mode != "erm" else {}})
-            common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan}
+            common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan, "val": val}
             if mode == "consistency":
-                final = _train_consistency(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
+                records = _train_consistency(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
             else:
                 states, last = fit(cfg, store, train_ds, mode=mode, epochs=cfg.train.epochs,
                                    name=f"{cfg.name}-{key}-{mh[:8]}", **common)
-                final = states[last]
+                records = epoch_records(states)
                 if mode == "erm":  # round 0 of consistency training starts here (METHODS §5a)
                     w0 = warmup_epochs(cfg)
                     if w0 in states:
                         store.write_bytes(states[w0], warmup_path(cfg, seed))
-            _save_model(store, key, mh, final, mode=mode, seed=seed)
-            _log_model(cfg, tracker, run_id, final, key)
+            checkpoints[key] = _save_model(store, key, mh, records, mode=mode, seed=seed)
+            best = checkpoints[key]["best_val_worst_group"]
+            tracker.log_metrics(run_id, {f"best_val_worst_group_{k}": v for k, v in best.items()
+                                         if k != "path" and v is not None})
+            _log_model(cfg, tracker, run_id, records[-1][2], key)
             tracker.finish(run_id)
-    manifest = st.commit(store, STAGE, h, files=models, rows={"models": len(models)})
+    manifest = st.commit(store, STAGE, h, files=models, checkpoints=checkpoints, rows={"models": len(models)})
     return manifest, True
 
 
@@ -358,8 +423,10 @@ def warmup_path(cfg: Any, seed: int) -> str:
 
 
 def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any,
-                       h: str, key: str, common: dict) -> bytes:
-    """Rounds 1..R-1: precompute weights with the latest checkpoint, then train round_epochs."""
+                       h: str, key: str, common: dict) -> list[tuple[int, dict, bytes]]:
+    """Rounds 1..R-1: precompute weights with the latest checkpoint, then train round_epochs. Returns the
+    reweighted epochs' records (``epoch_records``): checkpoint selection is among the method's own epochs,
+    not the ERM warm-up's."""
     from pipelines import precompute
 
     seed = common["seed"]
@@ -370,7 +437,7 @@ def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train
         states, last = fit(cfg, store, train_ds, mode="erm", epochs=offset,
                            name=f"{cfg.name}-{model_key('erm', seed)}-warmup{offset}-{h[:8]}", **common)
         store.write_bytes(states[last], init)
-    data = store.read_bytes(init)
+    records: list[tuple[int, dict, bytes]] = []
     for r in range(1, cfg.consistency.rounds):
         pre_manifest, w = precompute.run_round(cfg, store, ingest_manifest, init, seed, r, tracker,
                                                common["run_id"], common["plan"])
@@ -378,11 +445,11 @@ def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train
         states, last = fit(cfg, store, ds, mode="consistency", epochs=cfg.consistency.round_epochs,
                            name=f"{cfg.name}-{key}-r{r}-{h[:8]}", init_path=init, epoch_offset=offset,
                            **common)
-        data = states[last]
+        records += epoch_records(states, offset)
         init = f"{STAGE}/{key}_round{r}.pt"
-        store.write_bytes(data, init)
+        store.write_bytes(states[last], init)
         offset += cfg.consistency.round_epochs
-    return data
+    return records
 
 
 # What loading a logged model needs: it is a torch.export program (mlflow's pt2 format), so neither

@@ -49,7 +49,7 @@ def _table(folder: Path, sort_by: list[str], where: dict | None = None) -> objec
     import pyarrow.parquet as pq
     import ray.data  # noqa: F401 - tensor extension types
 
-    df = pd.concat([pq.read_table(f).to_pandas() for f in sorted(folder.glob("*.parquet"))], ignore_index=True)
+    df = pd.concat([pq.read_table(f).to_pandas() for f in sorted(folder.rglob("*.parquet"))], ignore_index=True)
     for col, allowed in (where or {}).items():
         df = df[df[col].isin(allowed)]
     return df.sort_values(sort_by, kind="stable").reset_index(drop=True)
@@ -127,7 +127,8 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(request, t
     store = runs / "smoke"
     cmd = [sys.executable, "pipelines/full.py", "--config", "configs/smoke.yaml", "--set", "ray.num_cpus=4",
            "--set", f"storage.uri={runs}", "--set", f"tracking.uri={db}", "--until", "evaluate",
-           "--set", f"evaluate.methods=[{','.join(FAULT_METHODS)}]", "--set", "evaluate.random_baseline=false"]
+           "--set", f"evaluate.methods=[{','.join(FAULT_METHODS)}]", "--set", "evaluate.random_baseline=false",
+           "--set", "evaluate.shard_images=16"]  # the test split in 2 committed shards (the smoke run: 1)
     # Its own local Ray: no RAY_ADDRESS, and a Ray temp dir of its own (short: Unix socket paths), so it
     # neither attaches to the session's Ray nor to /tmp/ray/ray_current_cluster; the unique RAY_TMPDIR
     # also marks every process of that Ray for the clean-up. Same CPUs as the session's Ray: same plan.
@@ -194,6 +195,10 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(request, t
 
     ref = request.getfixturevalue("smoke_run")["store"]
     _assert_same_weights(store, ref, ["consistency_s0", "erm_s0", "scaat_s0"])
+    for key in FAULT_MODELS:  # the epochs' validation records, resumed ones included, and so the selection
+        got_ck, want_ck = (json.loads((s / "train" / key / "_manifest.json").read_text())["checkpoints"]
+                           for s in (store, ref))
+        assert got_ck == want_ck, key
     rnd = Path("precompute") / "s0_round1"
     assert json.loads((store / rnd / "_manifest.json").read_text())["rows"] == {"samples": 192}
     _assert_same_table(store / rnd / "samples", ref / rnd / "samples", ["idx"])  # every sample once, same bytes

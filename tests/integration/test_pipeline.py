@@ -60,7 +60,7 @@ def test_evaluate_rows_cover_every_model_and_method(smoke_run):
     from pipelines.config import ROOT, load_config
 
     cfg = load_config(ROOT / "configs/smoke.yaml")
-    files = sorted((smoke_run["store"] / "evaluate" / "test").glob("*.parquet"))
+    files = sorted((smoke_run["store"] / "evaluate" / "test").rglob("*.parquet"))
     df = pd.concat([pq.read_table(f, columns=["idx", "model", "method", "robust_acc_8", "correct"]).to_pandas()
                     for f in files])
     assert set(df.model) == {"erm_s0", "consistency_s0", "scaat_s0", "random_s0"}  # + the sanity baseline
@@ -232,6 +232,30 @@ def test_sweep_rows_recomputed_and_the_best_alpha_is_their_argmax(smoke_run):
         curve = sorted((r for r in res["rows"] if r["method"] == method), key=lambda r: r["alpha"])
         assert res["best_alphas"][method] == max(curve, key=lambda r: r["pxap"])["alpha"]
     assert res["best_alpha"] == res["best_alphas"]["tif"]
+
+
+def test_validation_accuracy_of_the_last_epoch_is_the_committed_models(smoke_run):
+    """Checkpoint selection's inputs: the val_acc logged (MLflow) and committed (the model's manifest) for the
+    last epoch equals the committed model's accuracy on the validation split, recomputed here. The smoke
+    config's 32 validation images leave no (class, background) group of 20: no worst group, so the best
+    checkpoint is the last."""
+    store = smoke_run["store"]
+    val = _split(store, "val")
+    x, y = torch.from_numpy(val["image"]).float() / 255, torch.from_numpy(val["label"])
+    client = _client(smoke_run["db"])
+    exp = client.get_experiment_by_name("xai-ray-smoke").experiment_id
+    for key in ("erm_s0", "consistency_s0", "scaat_s0"):
+        with torch.no_grad():
+            acc = float((_model(store, key)(x).argmax(1) == y).double().mean())
+        ck = json.loads((store / "train" / key / "_manifest.json").read_text())["checkpoints"]
+        assert ck["last"]["epoch"] == 2 and ck["last"]["val_acc"] == pytest.approx(acc, abs=1e-12), (key, ck)
+        assert ck["last"]["val_worst_group_acc"] is None and ck["best_val_worst_group"]["epoch"] == 2
+        assert ck["best_val_worst_group"]["path"] == f"train/{key}/model.pt"
+        (run,) = client.search_runs([exp], filter_string=f"tags.`xai.model` = '{key}'")
+        hist = client.get_metric_history(run.info.run_id, "val_acc")
+        assert hist[-1].step == 2 and hist[-1].value == pytest.approx(acc, abs=1e-12), key
+    stage = json.loads((store / "train" / "_manifest.json").read_text())
+    assert set(stage["checkpoints"]) == {"erm_s0", "consistency_s0", "scaat_s0"}
 
 
 def test_logged_mlflow_model_computes_what_the_checkpoint_computes(smoke_run):

@@ -113,3 +113,38 @@ def test_absent_class_is_drawn_among_classes_neither_object_nor_background():
     # three classes: only one is not an object, background or not
     three = draw_absent(np.arange(3), np.array([0, 1, 2]), np.array([1, 2, 0]), np.array([2, 0, 1]), 3)
     assert three.tolist() == [2, 0, 1]
+
+
+def test_a_restarted_evaluate_keeps_only_the_shards_committed_under_its_config(tmp_path):
+    """What a rerun of a killed evaluate starts from: the split shards committed under the same config hash;
+    a shard of another config, one without a manifest (the killed one) and everything else of the stage go;
+    --force removes every shard."""
+    from pipelines import storage as st
+    from pipelines.evaluate import STAGE, _begin_keeping_shards
+
+    store = st.Storage(str(tmp_path))
+
+    def shard(split: str, lo: int, h: str | None) -> None:
+        stage = f"{STAGE}/{split}/{lo:06d}"
+        st.begin(store, stage)
+        store.write_bytes(b"rows", stage, "part.parquet")
+        if h:
+            st.commit(store, stage, h, files=[f"{stage}/part.parquet"], rows=1)
+
+    shard("test", 0, "h1")
+    shard("test", 16, "h0")  # committed under another config
+    shard("test", 32, None)  # the shard that was being written when the run died
+    shard("dwsol", 0, "h1")
+    store.write_json({}, STAGE, "summary.json")
+    store.write_bytes(b"w", STAGE, "models", "random_s0.pt")
+    st.commit(store, STAGE, "h0", files={})
+
+    def left() -> list[str]:
+        root = tmp_path / STAGE
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+    _begin_keeping_shards(store, "h1", force=False)
+    assert left() == ["dwsol/000000/_manifest.json", "dwsol/000000/part.parquet",
+                      "test/000000/_manifest.json", "test/000000/part.parquet"]
+    _begin_keeping_shards(store, "h1", force=True)
+    assert left() == [] and (tmp_path / STAGE).is_dir()

@@ -160,3 +160,90 @@ def test_progress_line_reaches_stdout_once_under_ray_trains_print_patch(monkeypa
     monkeypatch.setattr(builtins, "print", redirected_print)
     progress("[erm s0] epoch 1")
     assert raw.getvalue() == "[erm s0] epoch 1\n" and wrapped.getvalue() == "plain\n"
+
+
+# ------------------------------------------------------------------ checkpoint selection (validation)
+class _ByPixel(torch.nn.Module):
+    """Predicts the class written in each image's first pixel (x 10), behind a BatchNorm whose running
+    statistics must stay as they were (validation runs in eval mode)."""
+
+    def __init__(self, classes: int = 2):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.classes = classes
+
+    def forward(self, x):
+        self.bn(x)
+        pred = (x[:, 0, 0, 0] * 10).round().long()
+        return torch.nn.functional.one_hot(pred, self.classes).float()
+
+
+def test_val_metrics_accuracy_and_worst_group_by_hand():
+    from pipelines.train import val_metrics
+
+    # 6 images: labels 0 0 0 1 1 1, backgrounds 0 0 0 1 1 0 (2 background families); predicted 0 0 1 1 1 0
+    # groups (class, background): (0,0) = images 0-2, 2/3 right; (1,1) = images 3-4, 2/2; (1,0) = image 5, 0/1
+    labels, bgs, pred = [0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0], [0, 0, 1, 1, 1, 0]
+    image = torch.zeros(6, 3, 4, 4)
+    image[:, 0, 0, 0] = torch.tensor(pred, dtype=torch.float) / 10
+    val = {"image": image, "label": torch.tensor(labels), "background": torch.tensor(bgs)}
+    model = _ByPixel()
+    before = model.bn.running_mean.clone()
+    got = val_metrics(model, val, min_group=2, num_backgrounds=2, batch_size=4)  # two batches
+    assert got["val_acc"] == pytest.approx(4 / 6)
+    assert got["val_worst_group_acc"] == pytest.approx(2 / 3)  # (1,0) has 1 image < 2: left out
+    assert val_metrics(model, val, min_group=1, num_backgrounds=2, batch_size=6)["val_worst_group_acc"] == 0.0
+    assert math.isnan(val_metrics(model, val, min_group=4, num_backgrounds=2, batch_size=6)["val_worst_group_acc"])
+    val["background"] = torch.full((6,), -1)  # no backgrounds (an image folder): class groups, 2/3 and 2/3
+    assert val_metrics(model, val, min_group=3, num_backgrounds=2, batch_size=6)["val_worst_group_acc"] == \
+        pytest.approx(2 / 3)
+    assert model.training and torch.equal(model.bn.running_mean, before)
+
+
+def test_select_checkpoints_last_and_earliest_best_validation_worst_group():
+    from pipelines.train import select_checkpoints
+
+    recs = [(3, {"val_worst_group_acc": 0.2}, b"e3"), (4, {"val_worst_group_acc": 0.5}, b"e4"),
+            (5, {"val_worst_group_acc": 0.5}, b"e5"), (6, {"val_worst_group_acc": float("nan")}, b"e6"),
+            (7, {"val_worst_group_acc": 0.1}, b"e7")]
+    got = select_checkpoints(recs)
+    assert got["last"][0] == 7 and got["last"][2] == b"e7"
+    assert got["best_val_worst_group"][0] == 4 and got["best_val_worst_group"][2] == b"e4"  # tie: the earlier
+    nan = [(1, {"val_worst_group_acc": float("nan")}, b"a"), (2, {}, b"b")]  # no group large enough
+    assert select_checkpoints(nan)["best_val_worst_group"][0] == 2
+
+
+def test_evaluated_checkpoints_follow_evaluate_checkpoint_and_name_what_is_missing():
+    from pipelines.evaluate import evaluated_checkpoints
+
+    manifest = {"files": {"erm_s0": "train/erm_s0/model.pt", "scaat_s0": "train/scaat_s0/model.pt"},
+                "checkpoints": {"erm_s0": {"best_val_worst_group": {"epoch": 1, "path": "train/erm_s0/best.pt"}},
+                                "scaat_s0": {"best_val_worst_group": {"epoch": 2, "path": "train/scaat_s0/model.pt"}}}}
+    assert evaluated_checkpoints(_cfg(), manifest) == manifest["files"]
+    best = _cfg("evaluate.checkpoint=best_val_worst_group")
+    assert evaluated_checkpoints(best, manifest) == {"erm_s0": "train/erm_s0/best.pt",
+                                                     "scaat_s0": "train/scaat_s0/model.pt"}
+    del manifest["checkpoints"]["scaat_s0"]
+    with pytest.raises(ValueError, match=r"no such checkpoint for \['scaat_s0'\]"):
+        evaluated_checkpoints(best, manifest)
+
+
+def test_save_model_commits_the_last_and_the_best_checkpoint(tmp_path):
+    from pipelines import storage as st
+    from pipelines.train import _save_model
+
+    store = st.Storage(str(tmp_path))
+    recs = [(1, {"val_acc": 0.6, "val_worst_group_acc": 0.4}, b"one"),
+            (2, {"val_acc": 0.7, "val_worst_group_acc": 0.3}, b"two")]
+    ck = _save_model(store, "erm_s0", "h1", recs, mode="erm", seed=0)
+    assert (tmp_path / "train/erm_s0/model.pt").read_bytes() == b"two"
+    assert (tmp_path / "train/erm_s0/best.pt").read_bytes() == b"one"
+    assert ck == {"last": {"epoch": 2, "path": "train/erm_s0/model.pt", "val_acc": 0.7, "val_worst_group_acc": 0.3},
+                  "best_val_worst_group": {"epoch": 1, "path": "train/erm_s0/best.pt", "val_acc": 0.6,
+                                           "val_worst_group_acc": 0.4}}
+    assert st.committed(store, "train/erm_s0", "h1")["checkpoints"] == ck
+    recs[1] = (2, {"val_acc": 0.7, "val_worst_group_acc": float("nan")}, b"two")  # nothing to select on
+    ck = _save_model(store, "erm_s0", "h2", recs[1:], mode="erm", seed=0)
+    assert ck["best_val_worst_group"] == {"epoch": 2, "path": "train/erm_s0/model.pt", "val_acc": 0.7,
+                                          "val_worst_group_acc": None}
+    assert not (tmp_path / "train/erm_s0/best.pt").exists()  # the stage's folder was begun again
