@@ -285,6 +285,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     size = -(-e.shard_images // e.batch_size) * e.batch_size  # whole batches: the same batches as unsharded
     for split, n, n_methods in splits:
         files[split], rows[split] = [], 0
+        split_ds = None  # read once (lazily: not at all when every shard is committed), cut per shard
         for lo in range(0, n, size):
             hi = min(lo + size, n)
             shard = f"{STAGE}/{split}/{lo:06d}"
@@ -296,8 +297,9 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                 log.info("evaluate: %s images %d-%d already committed, skipped", split, lo, hi - 1)
             else:
                 st.begin(store, shard)
-                src = ingest.read_split(store, ingest_manifest, split)  # rows in idx order (in_order)
-                src = src.limit(hi) if lo == 0 else src.filter(expr=f"idx >= {lo} and idx < {hi}")
+                if split_ds is None:
+                    split_ds = ingest.read_split(store, ingest_manifest, split)  # rows in idx order (in_order)
+                src = split_ds.limit(hi) if lo == 0 else split_ds.filter(expr=f"idx >= {lo} and idx < {hi}")
                 out = pool_map(src, EvalActor, {
                     "cfg_json": cfg.model_dump(mode="json"), "models": evaluated, "alphas": alphas, "split": split,
                     "storage": store.args(), "attribute": attribute if split == "test" else None},

@@ -118,7 +118,7 @@ def write_arrays(store: st.Storage, stage: str, split: str, arrays: dict[str, np
     more go through ``write_split`` (Ray Data's Parquet writer, its tasks and retries)."""
     n = len(arrays["idx"])
     shards = max(1, -(-n // rows_per_shard))
-    if sum(v.nbytes for v in arrays.values()) > store.driver_io_mb * 2**20:
+    if not store.in_driver(sum(v.nbytes for v in arrays.values())):
         return write_split(store, stage, split, to_ray_dataset(arrays), shards)
     import pyarrow.parquet as pq
 
@@ -142,8 +142,7 @@ def read_split(store: st.Storage, manifest: dict, split: str) -> Any:
     files = [store.path(f) for f in manifest["files"][split]]
     if not files:
         raise ValueError(f"stage {manifest['stage']!r} has no files for split {split!r}")
-    size = sum(i.size or 0 for i in store.fs.get_file_info(files))
-    if size <= store.driver_io_mb * 2**20:
+    if store.in_driver(sum(i.size or 0 for i in store.fs.get_file_info(files))):
         import pyarrow.parquet as pq
 
         return in_order(ray.data.from_arrow([pq.read_table(f, filesystem=store.fs) for f in files]))

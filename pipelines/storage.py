@@ -52,6 +52,10 @@ class Storage:
         """What ``Storage(*args)`` rebuilds this store from in another process (Ray workers and actors)."""
         return [self.root_uri, self.s3_endpoint, self.s3_region, self.driver_io_mb]
 
+    def in_driver(self, nbytes: int) -> bool:
+        """Whether data of ``nbytes`` are read/written by the driver with pyarrow (``driver_io_mb``)."""
+        return nbytes <= self.driver_io_mb * 2**20
+
     @property
     def bucket(self) -> str:
         return self._base.split("/", 1)[0] if self.is_s3 else ""

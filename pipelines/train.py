@@ -284,8 +284,9 @@ def sync_grads(model: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------ driver
 def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: int, name: str,
         run_id: str | None, tracking_uri: str, plan: Any, init_path: str | None = None,
-        epoch_offset: int = 0, val: dict | None = None) -> tuple[dict[int, bytes], int]:
-    """Run one TorchTrainer fit; returns ({epoch: state bytes} of kept checkpoints, final epoch)."""
+        epoch_offset: int = 0, val: dict | None = None) -> list[tuple[int, dict, bytes]]:
+    """Run one TorchTrainer fit; returns its kept checkpoints as (global epoch = epoch_offset + the fit's
+    epoch, the epoch's metrics, state bytes), in epoch order."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -310,12 +311,13 @@ def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: i
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training {name} failed: {result.error}") from result.error
-    states: dict[int, bytes] = {}
+    records = []
     for ckpt, _metrics in result.best_checkpoints or [(result.checkpoint, {})]:
         with ckpt.as_directory() as d:
             data = open(os.path.join(d, STATE_FILE), "rb").read()
-        states[int(load_state(data)["epoch"])] = data
-    return states, max(states)
+        state = load_state(data)
+        records.append((epoch_offset + int(state["epoch"]), state.get("metrics", {}), data))
+    return sorted(records, key=lambda r: r[0])
 
 
 def _cluster_has_gpu() -> bool:
@@ -329,11 +331,6 @@ def _model_done(store: st.Storage, key: str, h: str) -> bool:
 
 
 VAL_KEYS = ("val_acc", "val_worst_group_acc")
-
-
-def epoch_records(states: dict[int, bytes], offset: int = 0) -> list[tuple[int, dict, bytes]]:
-    """(global epoch, the epoch's metrics, checkpoint bytes) of a fit's kept checkpoints, in epoch order."""
-    return [(offset + e, load_state(d).get("metrics", {}), d) for e, d in sorted(states.items())]
 
 
 def select_checkpoints(records: list[tuple[int, dict, bytes]]) -> dict[str, tuple[int, dict, bytes]]:
@@ -400,13 +397,13 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
             if mode == "consistency":
                 records = _train_consistency(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
             else:
-                states, last = fit(cfg, store, train_ds, mode=mode, epochs=cfg.train.epochs,
-                                   name=f"{cfg.name}-{key}-{mh[:8]}", **common)
-                records = epoch_records(states)
+                records = fit(cfg, store, train_ds, mode=mode, epochs=cfg.train.epochs,
+                              name=f"{cfg.name}-{key}-{mh[:8]}", **common)
                 if mode == "erm":  # round 0 of consistency training starts here (METHODS §5a)
                     w0 = warmup_epochs(cfg)
-                    if w0 in states:
-                        store.write_bytes(states[w0], warmup_path(cfg, seed))
+                    for epoch, _metrics, data in records:
+                        if epoch == w0:
+                            store.write_bytes(data, warmup_path(cfg, seed))
             checkpoints[key] = _save_model(store, key, mh, records, mode=mode, seed=seed)
             best = checkpoints[key]["best_val_worst_group"]
             tracker.log_metrics(run_id, {f"best_val_worst_group_{k}": v for k, v in best.items()
@@ -425,7 +422,7 @@ def warmup_path(cfg: Any, seed: int) -> str:
 def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any,
                        h: str, key: str, common: dict) -> list[tuple[int, dict, bytes]]:
     """Rounds 1..R-1: precompute weights with the latest checkpoint, then train round_epochs. Returns the
-    reweighted epochs' records (``epoch_records``): checkpoint selection is among the method's own epochs,
+    reweighted epochs' records (as ``fit`` returns them): checkpoint selection is among the method's own epochs,
     not the ERM warm-up's."""
     from pipelines import precompute
 
@@ -434,20 +431,19 @@ def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train
     offset = warmup_epochs(cfg)
     if not store.exists(init):  # erm not among the modes, or trained under another consistency schedule
         log.info("train: %s: training the ERM warm-up (%d epochs) first", key, offset)
-        states, last = fit(cfg, store, train_ds, mode="erm", epochs=offset,
-                           name=f"{cfg.name}-{model_key('erm', seed)}-warmup{offset}-{h[:8]}", **common)
-        store.write_bytes(states[last], init)
+        warm = fit(cfg, store, train_ds, mode="erm", epochs=offset,
+                   name=f"{cfg.name}-{model_key('erm', seed)}-warmup{offset}-{h[:8]}", **common)
+        store.write_bytes(warm[-1][2], init)
     records: list[tuple[int, dict, bytes]] = []
     for r in range(1, cfg.consistency.rounds):
         pre_manifest, w = precompute.run_round(cfg, store, ingest_manifest, init, seed, r, tracker,
                                                common["run_id"], common["plan"])
         ds = precompute.weighted_dataset(store, pre_manifest, w)
-        states, last = fit(cfg, store, ds, mode="consistency", epochs=cfg.consistency.round_epochs,
-                           name=f"{cfg.name}-{key}-r{r}-{h[:8]}", init_path=init, epoch_offset=offset,
-                           **common)
-        records += epoch_records(states, offset)
+        rounds = fit(cfg, store, ds, mode="consistency", epochs=cfg.consistency.round_epochs,
+                     name=f"{cfg.name}-{key}-r{r}-{h[:8]}", init_path=init, epoch_offset=offset, **common)
+        records += rounds
         init = f"{STAGE}/{key}_round{r}.pt"
-        store.write_bytes(states[last], init)
+        store.write_bytes(rounds[-1][2], init)
         offset += cfg.consistency.round_epochs
     return records
 
