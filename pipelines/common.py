@@ -116,6 +116,11 @@ def ingest_config() -> Any:
     return ray.train.DataConfig(execution_options=opts)
 
 
+def shard_limit(cfg: Any) -> int:
+    """The bytes of training rows a worker keeps in memory (``train.cache_shard_mb``)."""
+    return cfg.train.cache_shard_mb * 2**20
+
+
 def batch_count(rows: int, batch_size: int) -> int:
     """How many batches (and blocks: ``pool_map`` cuts one per batch) ``rows`` rows make, at least one."""
     return -(-max(1, rows) // max(1, batch_size))

@@ -77,7 +77,8 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0)
     threads_per_worker: int = Field(0, ge=0)  # 0: the node's cores / its training workers
     # A worker keeps its shard in memory after the first epoch when it is at most this size (0: stream every
-    # epoch from Ray Data). Later epochs then shuffle in-process instead of re-reading Parquet.
+    # epoch from Ray Data). Later epochs then shuffle in-process instead of re-reading Parquet. A training
+    # split of at most this size and storage.driver_io_mb is read by each worker itself (ingest.fit_input).
     cache_shard_mb: int = Field(2048, ge=0)
     # Checkpoint selection (declared, docs/EVALUATION.md): after every epoch rank 0 measures validation accuracy
     # and worst-group accuracy (the lowest over (class, background) groups with >= val_min_group validation
@@ -184,7 +185,8 @@ class StorageConfig(_Section):
     # Ingest writes splits of at most this many MB (arrays in memory) with pyarrow, larger ones with Ray Data.
     # Each streamed read starts a listing task, a footer-reader actor and a read task (Python processes):
     # on the 2-core machine the smoke split took 2.57 s that way against 0.06 s (bench/reads.py,
-    # docs/BENCHMARKS.md). 0: always stream.
+    # docs/BENCHMARKS.md). A training split of at most this size (and train.cache_shard_mb) is read by each
+    # training worker itself, with no Ray Data split coordinator (ingest.fit_input). 0: always stream.
     driver_io_mb: float = Field(256.0, ge=0)
 
 

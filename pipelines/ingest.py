@@ -140,14 +140,56 @@ def read_split(store: st.Storage, manifest: dict, split: str) -> Any:
     import ray.data
 
     files = [store.path(f) for f in manifest["files"][split]]
-    if not files:
-        raise ValueError(f"stage {manifest['stage']!r} has no files for split {split!r}")
-    if store.in_driver(sum(i.size or 0 for i in store.fs.get_file_info(files))):
+    if store.in_driver(split_bytes(store, manifest, split)):
         import pyarrow.parquet as pq
 
         return in_order(ray.data.from_arrow([pq.read_table(f, filesystem=store.fs) for f in files]))
     with footer_readers(len(files)):
         return in_order(ray.data.read_parquet(files, filesystem=store.fs))
+
+
+def split_bytes(store: st.Storage, manifest: dict, split: str) -> int:
+    """The size of a split's files, as the manifest lists them; a split without files is an error."""
+    files = [store.path(f) for f in manifest["files"].get(split, [])]
+    if not files:
+        raise ValueError(f"stage {manifest['stage']!r} has no files for split {split!r}")
+    return sum(i.size or 0 for i in store.fs.get_file_info(files))
+
+
+def fit_input(store: st.Storage, manifest: dict, split: str, columns: list[str], limit_bytes: int,
+              weights: np.ndarray | None = None) -> Any:
+    """What a training fit reads: a split's rows (``columns``, and ``w = weights[idx]`` when given).
+
+    A split of at most ``store.driver_io_mb`` and ``limit_bytes`` (what a worker may hold: its shard cache)
+    is described by its files (a dict), and every training worker reads it itself with pyarrow
+    (``worker_rows``): no Ray Data split coordinator and read tasks per fit, which on 2 cores made a smoke
+    fit wait 3-17 s for its first batch (docs/BENCHMARKS.md). A larger split is a Ray Dataset that Ray Train
+    streams into the workers' shards."""
+    if store.in_driver(size := split_bytes(store, manifest, split)) and size <= limit_bytes:
+        return {"stage": manifest["stage"], "split": split, "files": list(manifest["files"][split]),
+                "columns": list(columns), "weights": weights}
+    ds = read_split(store, manifest, split).select_columns(columns)
+    if weights is not None:
+        ds = ds.map_batches(_add_weights, fn_kwargs={"w_by_idx": weights}, batch_format="numpy")
+    return ds
+
+
+def _add_weights(batch: dict[str, np.ndarray], w_by_idx: np.ndarray) -> dict[str, np.ndarray]:
+    batch["w"] = w_by_idx[batch["idx"]]
+    return batch
+
+
+def worker_rows(store: st.Storage, spec: dict, rank: int, world: int) -> dict[str, np.ndarray]:
+    """A training worker's rows of a ``fit_input`` description: the split in ``idx`` order, every
+    ``world``-th row from row ``rank`` on, ``rows // world`` of them, so every worker takes the same number
+    of steps (as Ray Data's ``streaming_split(equal=True)``); the few rows left over are not trained on,
+    as there."""
+    cols = read_split_numpy(store, {"stage": spec["stage"], "files": {spec["split"]: spec["files"]}},
+                            spec["split"], columns=spec["columns"])
+    if spec.get("weights") is not None:
+        cols = _add_weights(cols, np.asarray(spec["weights"]))
+    per = len(cols["idx"]) // world
+    return {k: v[rank::world][:per] for k, v in cols.items()}
 
 
 @contextmanager

@@ -146,12 +146,6 @@ def _round_stats(E: np.ndarray, w: np.ndarray, group: np.ndarray) -> dict[str, f
     return stats
 
 
-def _add_weights(batch: dict[str, np.ndarray], w_by_idx: np.ndarray) -> dict[str, np.ndarray]:
-    batch["w"] = w_by_idx[batch["idx"]]
-    return batch
-
-
-def weighted_dataset(store: st.Storage, manifest: dict, w_by_idx: np.ndarray) -> Any:
-    """The training rows of a round with their weight column."""
-    ds = ingest.read_split(store, manifest, "samples").select_columns(["idx", "image", "label"])
-    return ds.map_batches(_add_weights, fn_kwargs={"w_by_idx": w_by_idx}, batch_format="numpy")
+def weighted_input(store: st.Storage, manifest: dict, w_by_idx: np.ndarray, limit_bytes: int) -> Any:
+    """The training rows of a round with their weight column, as ``fit`` reads them (``ingest.fit_input``)."""
+    return ingest.fit_input(store, manifest, "samples", ["idx", "image", "label"], limit_bytes, weights=w_by_idx)

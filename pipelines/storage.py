@@ -27,7 +27,7 @@ class Storage:
     root_uri: str
     s3_endpoint: str | None = None
     s3_region: str = "us-east-1"
-    driver_io_mb: float = 256.0  # ingest: splits up to this size are read (and written) by the driver
+    driver_io_mb: float = 256.0  # splits up to this size are read (and written) without Ray Data tasks
 
     def __post_init__(self) -> None:
         if self.root_uri.startswith("s3://"):

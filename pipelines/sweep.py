@@ -13,7 +13,7 @@ from typing import Any
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import KNOB_TRIAL_CPUS, THRESHOLDED, ingest_config
+from pipelines.common import KNOB_TRIAL_CPUS, THRESHOLDED, ingest_config, shard_limit
 
 log = logging.getLogger("xai.sweep")
 STAGE = "sweep"
@@ -130,14 +130,16 @@ def train_trial(config: dict) -> None:
         apply_override(data, f"{key}={val}")
     cfg = Config.model_validate(data)
     store = st.Storage(*config["storage"])
-    ds = ingest.read_split(store, config["ingest"], "train").select_columns(["idx", "image", "label"])
+    data = ingest.fit_input(store, config["ingest"], "train", ["idx", "image", "label"], shard_limit(cfg))
+    streamed = None if isinstance(data, dict) else {"train": data}
     trainer = TorchTrainer(
         _train_trial_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "seed": cfg.train.seeds[0],
-                           "storage": config["storage"], "ingest": config["ingest"]},
+                           "storage": config["storage"], "ingest": config["ingest"],
+                           "input": None if streamed else data},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
-        datasets={"train": ds},
-        dataset_config=ingest_config(),
+        datasets=streamed,
+        dataset_config=ingest_config() if streamed else None,
         run_config=ray.train.RunConfig(name=f"trial-{ray.tune.get_context().get_trial_id()}",
                                        storage_path=store.path("tune"), callbacks=[TuneReportCallback()],
                                        storage_filesystem=store.fs if store.is_s3 else None),
@@ -160,10 +162,16 @@ def _train_trial_loop(lc: dict) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
     val = to_tensors(ingest.read_split_numpy(st.Storage(*lc["storage"]), lc["ingest"], "val"))
     mode = cfg.sweep.train_mode
-    shard = ray.train.get_dataset_shard("train")
+    rows = ingest.worker_rows(st.Storage(*lc["storage"]), lc["input"], 0, 1) if lc.get("input") else None
     for epoch in range(cfg.sweep.train_epochs):
         model.train()
-        for raw in shard.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy"):
+        if rows is None:  # a large split: streamed, in file order
+            batches = ray.train.get_dataset_shard("train").iter_batches(batch_size=cfg.train.batch_size,
+                                                                         batch_format="numpy")
+        else:  # read by this worker (ingest.fit_input), in idx order
+            n, b = len(rows["idx"]), cfg.train.batch_size
+            batches = ({k: v[i:i + b] for k, v in rows.items()} for i in range(0, n, b))
+        for raw in batches:
             batch = to_tensors(raw)
             if mode == "consistency":  # weights from the current model on this batch (METHODS §5a)
                 from xai_core.objectives import consistency_weights

@@ -29,6 +29,7 @@ from pipelines.common import (
     pick_device,
     progress,
     set_threads,
+    shard_limit,
     state_bytes,
     to_tensors,
 )
@@ -142,9 +143,13 @@ def train_loop(lc: dict) -> None:
         cols = ingest.read_split_numpy(st.Storage(*lc["storage"]), lc["val"], "val",
                                        columns=["image", "label", "background"])
         val = to_tensors(cols, device)
-    shard = ray.train.get_dataset_shard("train")
     gen = torch.Generator(device=device)
-    cache = ShardCache(cfg.train.cache_shard_mb * 2**20)
+    cache = ShardCache(shard_limit(cfg))
+    if lc.get("input") is not None:  # a small split: this worker reads its rows itself (ingest.fit_input)
+        cache.hold(ingest.worker_rows(st.Storage(*lc["storage"]), lc["input"], rank, ctx.get_world_size()))
+        shard = None
+    else:
+        shard = ray.train.get_dataset_shard("train")
     for epoch in range(start, lc["epochs"]):
         t0 = time.time()
         model.train()
@@ -202,8 +207,8 @@ def train_loop(lc: dict) -> None:
 
 class ShardCache:
     """A training worker's shard, read from Ray Data once and kept in memory when it fits in
-    ``limit_bytes``; every epoch then shuffles in-process: a full permutation, seeded per epoch, of the
-    rows in ``idx`` order.
+    ``limit_bytes`` (or read by the worker itself, ``hold``); every epoch then shuffles in-process: a full
+    permutation, seeded per epoch, of the rows in ``idx`` order. Both ways give one worker the same batches.
 
     Streaming every epoch re-reads and re-converts Parquet through the split coordinator, which on a small
     CPU box costs more than the model's forward and backward (docs/BENCHMARKS.md). Because the order of an
@@ -222,6 +227,11 @@ class ShardCache:
         self.limit = limit_bytes
         self.arrays: dict[str, np.ndarray] | None = None
         self.too_big = limit_bytes <= 0
+
+    def hold(self, arrays: dict[str, np.ndarray]) -> None:
+        """Keep rows read without Ray Data (``ingest.worker_rows``): every epoch then shuffles them alone."""
+        order = np.argsort(arrays["idx"], kind="stable")
+        self.arrays = {k: v[order] for k, v in arrays.items()}
 
     def epoch(self, shard: Any, batch_size: int, seed: int) -> Any:
         if self.arrays is None:
@@ -282,11 +292,12 @@ def sync_grads(model: torch.nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ driver
-def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: int, name: str,
+def fit(cfg: Any, store: st.Storage, data: Any, *, mode: str, seed: int, epochs: int, name: str,
         run_id: str | None, tracking_uri: str, plan: Any, init_path: str | None = None,
         epoch_offset: int = 0, val: dict | None = None) -> list[tuple[int, dict, bytes]]:
-    """Run one TorchTrainer fit; returns its kept checkpoints as (global epoch = epoch_offset + the fit's
-    epoch, the epoch's metrics, state bytes), in epoch order."""
+    """Run one TorchTrainer fit on ``data`` (``ingest.fit_input``: files the workers read, or a Ray Dataset
+    streamed to them); returns its kept checkpoints as (global epoch = epoch_offset + the fit's epoch, the
+    epoch's metrics, state bytes), in epoch order."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -294,15 +305,16 @@ def fit(cfg: Any, store: st.Storage, ds: Any, *, mode: str, seed: int, epochs: i
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.train.num_workers, use_gpu=use_gpu, placement_strategy=cfg.train.placement,
         resources_per_worker=None if use_gpu else {"CPU": plan.train_worker_cpus})
+    streamed = None if isinstance(data, dict) else {"train": data}
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "mode": mode, "seed": seed,
                            "epochs": epochs, "epoch_offset": epoch_offset, "init_path": init_path,
                            "run_id": run_id, "tracking_uri": tracking_uri,
-                           "storage": store.args(), "val": val},
+                           "storage": store.args(), "val": val, "input": data if streamed is None else None},
         scaling_config=scaling,
-        datasets={"train": ds},
-        dataset_config=ingest_config(),
+        datasets=streamed,
+        dataset_config=ingest_config() if streamed else None,
         run_config=ray.train.RunConfig(
             name=name, storage_path=store.path("ray"), storage_filesystem=store.fs if store.is_s3 else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -375,7 +387,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
         store.remove_dir(precompute.STAGE)
     elif store.exists(STAGE, st.MANIFEST):  # committed for another config: each model's own manifest
         store.fs.delete_file(store.path(STAGE, st.MANIFEST))  # decides whether it is trained again
-    train_ds = ingest.read_split(store, ingest_manifest, "train").select_columns(["idx", "image", "label"])
+    train_ds = ingest.fit_input(store, ingest_manifest, "train", ["idx", "image", "label"], shard_limit(cfg))
     val = {"stage": ingest_manifest["stage"], "files": {"val": ingest_manifest["files"]["val"]}} \
         if ingest_manifest["files"].get("val") else None
     models: dict[str, str] = {}
@@ -438,7 +450,7 @@ def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train
     for r in range(1, cfg.consistency.rounds):
         pre_manifest, w = precompute.run_round(cfg, store, ingest_manifest, init, seed, r, tracker,
                                                common["run_id"], common["plan"])
-        ds = precompute.weighted_dataset(store, pre_manifest, w)
+        ds = precompute.weighted_input(store, pre_manifest, w, shard_limit(cfg))
         rounds = fit(cfg, store, ds, mode="consistency", epochs=cfg.consistency.round_epochs,
                      name=f"{cfg.name}-{key}-r{r}-{h[:8]}", init_path=init, epoch_offset=offset, **common)
         records += rounds

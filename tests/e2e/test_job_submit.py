@@ -119,7 +119,11 @@ def test_ray_job_submit_to_two_nodes_with_s3_and_mlflow_server_then_rerun_as_no_
             "--set", "train.modes=[scaat]", "--set", "train.num_workers=2", "--set", "train.placement=SPREAD",
             "--set", "evaluate.methods=[gradcam]", "--set", "sweep.enabled=false", "--set", "sweep.model=scaat",
             "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0",
-            "--set", "evaluate.random_baseline=false", "--set", "evaluate.n_accuracy=16"]
+            "--set", "evaluate.random_baseline=false", "--set", "evaluate.n_accuracy=16",
+            # the path of splits too large for one process: Ray Data writes and reads the Parquet files and
+            # streams the training split into the two workers' shards (streaming_split); the integration
+            # tests read small splits in the driver and the training workers (ingest.fit_input)
+            "--set", "storage.driver_io_mb=0"]
     cmd = [str(BIN / "ray"), "job", "submit", "--address", address, "--no-wait", "--working-dir", str(ROOT),
            "--runtime-env-json", json.dumps(runtime), "--", "python", "pipelines/full.py", *args]
     deadline = time.time() + 300  # bounds a hang only (a loaded box took > 120 s for the second node once)

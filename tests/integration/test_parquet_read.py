@@ -88,3 +88,31 @@ def test_a_small_split_is_read_by_the_driver_as_the_streamed_read_gives_it(ray_s
         before = _footer_actor_ids()
         assert [r["idx"] for r in ingest.read_split(tiny, manifest, "train").take_all()] == list(range(12))
         assert len(_footer_actor_ids() - before) == 1
+
+
+def test_fit_input_small_split_is_read_by_each_worker_its_equal_share_with_weights_by_idx(ray_session, tmp_path):
+    """A split under both limits is handed to the training workers as files (no Ray Dataset); each worker
+    reads it in idx order and keeps every world-th row from its rank on, rows // world of them; the round's
+    weights are joined by idx. Over either limit it is a Ray Dataset with the same rows and weights."""
+    import random
+
+    streamed, manifest = _write_split(tmp_path, 3, rows=4)  # idx 0..11 in 3 files
+    manifest["files"]["train"] = random.Random(0).sample(manifest["files"]["train"], 3)  # file order != idx
+    small = st.Storage(str(tmp_path), driver_io_mb=1.0)
+    weights = np.arange(12, dtype=np.float32)[::-1] / 4  # w[idx] = (11 - idx) / 4
+    cols = ["idx", "image", "label"]
+    spec = ingest.fit_input(small, manifest, "train", cols, 1 << 20, weights=weights)
+    assert isinstance(spec, dict) and spec["files"] == manifest["files"]["train"]
+    one = ingest.worker_rows(small, spec, 0, 1)
+    assert list(one["idx"]) == list(range(12)) and list(one["label"]) == [(i * 7) % 5 for i in range(12)]
+    assert list(one["w"]) == [(11 - i) / 4 for i in range(12)]
+    np.testing.assert_array_equal(one["image"], np.arange(12)[:, None, None] + np.arange(6).reshape(2, 3))
+    shares = [ingest.worker_rows(small, spec, r, 5) for r in range(5)]  # 12 // 5 = 2 rows each, 2 left over
+    assert [list(s["idx"]) for s in shares] == [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]
+    assert all(list(s["w"]) == [(11 - i) / 4 for i in s["idx"]] for s in shares)
+
+    for store, limit in ((streamed, 1 << 20), (small, 100)):  # over driver_io_mb, then over the worker's cache
+        ds = ingest.fit_input(store, manifest, "train", cols, limit, weights=weights)
+        assert not isinstance(ds, dict)
+        rows = sorted(ds.take_all(), key=lambda r: r["idx"])
+        assert [r["idx"] for r in rows] == list(range(12)) and [r["w"] for r in rows] == list(one["w"])
