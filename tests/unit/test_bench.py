@@ -132,6 +132,17 @@ def test_reads_smoke_split(tmp_path):
 
 
 @pytest.mark.bench
+def test_evaluate_tiny(tmp_path):
+    from bench import evaluate
+
+    data = evaluate.main(["--tiny", "--out-dir", str(tmp_path)])
+    assert data["images"] == 16 and data["size"] == 32 and data["machine"]["threads"] == 1
+    assert set(data["seconds"]) == {"all", "none", *data["methods"]} and len(data["methods"]) > 5
+    assert all(_positive_finite(v) for v in data["seconds"].values()) and _positive_finite(data["rows_per_s"])
+    assert data["rows_per_s"] == pytest.approx(16 * len(data["methods"]) / data["seconds"]["all"])
+
+
+@pytest.mark.bench
 def test_pass_size_tiny(tmp_path):
     from bench import pass_size
 
