@@ -116,6 +116,15 @@ def ingest_config() -> Any:
     return ray.train.DataConfig(execution_options=opts)
 
 
+def trainer_input(data: Any) -> tuple[dict | None, dict]:
+    """How ``ingest.fit_input``'s result reaches a TorchTrainer: (the loop config's ``input``, the trainer's
+    ``datasets``/``dataset_config`` keywords). Files the workers read go into the loop config; a Ray Dataset
+    is the trainer's "train" dataset, with ``ingest_config()``."""
+    if isinstance(data, dict):
+        return data, {"datasets": None, "dataset_config": None}
+    return None, {"datasets": {"train": data}, "dataset_config": ingest_config()}
+
+
 def shard_limit(cfg: Any) -> int:
     """The bytes of training rows a worker keeps in memory (``train.cache_shard_mb``)."""
     return cfg.train.cache_shard_mb * 2**20

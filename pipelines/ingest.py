@@ -156,6 +156,11 @@ def split_bytes(store: st.Storage, manifest: dict, split: str) -> int:
     return sum(i.size or 0 for i in store.fs.get_file_info(files))
 
 
+def split_manifest(manifest: dict, split: str) -> dict:
+    """The part of a stage manifest that names one split's files (what a worker needs to read just it)."""
+    return {"stage": manifest["stage"], "files": {split: list(manifest["files"][split])}}
+
+
 def fit_input(store: st.Storage, manifest: dict, split: str, columns: list[str], limit_bytes: int,
               weights: np.ndarray | None = None) -> Any:
     """What a training fit reads: a split's rows (``columns``, and ``w = weights[idx]`` when given).
@@ -166,8 +171,8 @@ def fit_input(store: st.Storage, manifest: dict, split: str, columns: list[str],
     fit wait 3-17 s for its first batch (docs/BENCHMARKS.md). A larger split is a Ray Dataset that Ray Train
     streams into the workers' shards."""
     if store.in_driver(size := split_bytes(store, manifest, split)) and size <= limit_bytes:
-        return {"stage": manifest["stage"], "split": split, "files": list(manifest["files"][split]),
-                "columns": list(columns), "weights": weights}
+        return {"manifest": split_manifest(manifest, split), "split": split, "columns": list(columns),
+                "weights": weights}
     ds = read_split(store, manifest, split).select_columns(columns)
     if weights is not None:
         ds = ds.map_batches(_add_weights, fn_kwargs={"w_by_idx": weights}, batch_format="numpy")
@@ -184,8 +189,7 @@ def worker_rows(store: st.Storage, spec: dict, rank: int, world: int) -> dict[st
     ``world``-th row from row ``rank`` on, ``rows // world`` of them, so every worker takes the same number
     of steps (as Ray Data's ``streaming_split(equal=True)``); the few rows left over are not trained on,
     as there."""
-    cols = read_split_numpy(store, {"stage": spec["stage"], "files": {spec["split"]: spec["files"]}},
-                            spec["split"], columns=spec["columns"])
+    cols = read_split_numpy(store, spec["manifest"], spec["split"], columns=spec["columns"])
     if spec.get("weights") is not None:
         cols = _add_weights(cols, np.asarray(spec["weights"]))
     per = len(cols["idx"]) // world

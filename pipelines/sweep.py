@@ -13,7 +13,7 @@ from typing import Any
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import KNOB_TRIAL_CPUS, THRESHOLDED, ingest_config, shard_limit
+from pipelines.common import KNOB_TRIAL_CPUS, THRESHOLDED, shard_limit, trainer_input
 
 log = logging.getLogger("xai.sweep")
 STAGE = "sweep"
@@ -131,15 +131,14 @@ def train_trial(config: dict) -> None:
     cfg = Config.model_validate(data)
     store = st.Storage(*config["storage"])
     data = ingest.fit_input(store, config["ingest"], "train", ["idx", "image", "label"], shard_limit(cfg))
-    streamed = None if isinstance(data, dict) else {"train": data}
+    given, datasets = trainer_input(data)
     trainer = TorchTrainer(
         _train_trial_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "seed": cfg.train.seeds[0],
                            "storage": config["storage"], "ingest": config["ingest"],
-                           "input": None if streamed else data},
+                           "input": given},
         scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
-        datasets=streamed,
-        dataset_config=ingest_config() if streamed else None,
+        **datasets,
         run_config=ray.train.RunConfig(name=f"trial-{ray.tune.get_context().get_trial_id()}",
                                        storage_path=store.path("tune"), callbacks=[TuneReportCallback()],
                                        storage_filesystem=store.fs if store.is_s3 else None),

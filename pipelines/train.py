@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from pipelines import ingest
 from pipelines import storage as st
 from pipelines.common import (
-    ingest_config,
     load_state,
     make_model,
     model_hash,
@@ -32,6 +31,7 @@ from pipelines.common import (
     shard_limit,
     state_bytes,
     to_tensors,
+    trainer_input,
 )
 
 log = logging.getLogger("xai.train")
@@ -229,9 +229,9 @@ class ShardCache:
         self.too_big = limit_bytes <= 0
 
     def hold(self, arrays: dict[str, np.ndarray]) -> None:
-        """Keep rows read without Ray Data (``ingest.worker_rows``): every epoch then shuffles them alone."""
-        order = np.argsort(arrays["idx"], kind="stable")
-        self.arrays = {k: v[order] for k, v in arrays.items()}
+        """Keep rows read without Ray Data, in ``idx`` order (as ``ingest.worker_rows`` returns them): every
+        epoch then shuffles them alone."""
+        self.arrays = arrays
 
     def epoch(self, shard: Any, batch_size: int, seed: int) -> Any:
         if self.arrays is None:
@@ -305,16 +305,15 @@ def fit(cfg: Any, store: st.Storage, data: Any, *, mode: str, seed: int, epochs:
     scaling = ray.train.ScalingConfig(
         num_workers=cfg.train.num_workers, use_gpu=use_gpu, placement_strategy=cfg.train.placement,
         resources_per_worker=None if use_gpu else {"CPU": plan.train_worker_cpus})
-    streamed = None if isinstance(data, dict) else {"train": data}
+    given, datasets = trainer_input(data)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "mode": mode, "seed": seed,
                            "epochs": epochs, "epoch_offset": epoch_offset, "init_path": init_path,
                            "run_id": run_id, "tracking_uri": tracking_uri,
-                           "storage": store.args(), "val": val, "input": data if streamed is None else None},
+                           "storage": store.args(), "val": val, "input": given},
         scaling_config=scaling,
-        datasets=streamed,
-        dataset_config=ingest_config() if streamed else None,
+        **datasets,
         run_config=ray.train.RunConfig(
             name=name, storage_path=store.path("ray"), storage_filesystem=store.fs if store.is_s3 else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
@@ -388,8 +387,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
     elif store.exists(STAGE, st.MANIFEST):  # committed for another config: each model's own manifest
         store.fs.delete_file(store.path(STAGE, st.MANIFEST))  # decides whether it is trained again
     train_ds = ingest.fit_input(store, ingest_manifest, "train", ["idx", "image", "label"], shard_limit(cfg))
-    val = {"stage": ingest_manifest["stage"], "files": {"val": ingest_manifest["files"]["val"]}} \
-        if ingest_manifest["files"].get("val") else None
+    val = ingest.split_manifest(ingest_manifest, "val") if ingest_manifest["files"].get("val") else None
     models: dict[str, str] = {}
     checkpoints: dict[str, dict] = {}
     for seed in cfg.train.seeds:

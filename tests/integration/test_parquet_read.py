@@ -102,7 +102,7 @@ def test_fit_input_small_split_is_read_by_each_worker_its_equal_share_with_weigh
     weights = np.arange(12, dtype=np.float32)[::-1] / 4  # w[idx] = (11 - idx) / 4
     cols = ["idx", "image", "label"]
     spec = ingest.fit_input(small, manifest, "train", cols, 1 << 20, weights=weights)
-    assert isinstance(spec, dict) and spec["files"] == manifest["files"]["train"]
+    assert isinstance(spec, dict) and spec["manifest"]["files"]["train"] == manifest["files"]["train"]
     one = ingest.worker_rows(small, spec, 0, 1)
     assert list(one["idx"]) == list(range(12)) and list(one["label"]) == [(i * 7) % 5 for i in range(12)]
     assert list(one["w"]) == [(11 - i) / 4 for i in range(12)]
