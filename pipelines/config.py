@@ -134,7 +134,8 @@ class EvaluateConfig(_Section):
     tif_base: Literal["gradient", "input_x_gradient", "integrated_gradients", "smoothgrad"] = \
         "input_x_gradient"
     tif_alpha: float = Field(0.25, ge=0, le=1)  # replaced by the sweep's best alpha when it ran
-    haf_steps: int = Field(30, ge=1)
+    haf_steps: int = Field(30, ge=1)  # HAF's Adam steps and learning rate when the sweep did not calibrate them
+    haf_lr: float = Field(0.05, gt=0)
     ig_steps: int = Field(16, ge=1)
     smoothgrad_samples: int = Field(16, ge=1)
     deletion_steps: int = Field(32, ge=1)
@@ -166,6 +167,22 @@ class SweepConfig(_Section):
     train_space: dict[str, list[Any]] = {}
     train_trials: int = Field(4, ge=1)
     train_epochs: int = Field(4, ge=1)
+    # HAF's steps and learning rate from its objective curve (METHODS §3): each HAF reading in evaluate.methods
+    # runs haf_max_steps Adam steps at every lr in haf_lrs on the first haf_images validation images of the
+    # sweep model; the lr with the lowest final mean objective wins, and steps = the first step whose mean
+    # objective is within haf_tol of that final value (relative). An empty haf_lrs keeps evaluate.haf_steps/lr.
+    haf_lrs: list[float] = [0.05, 0.2, 0.5]
+    haf_max_steps: int = Field(100, ge=1)
+    haf_tol: float = Field(0.1, ge=0)
+    haf_images: int = Field(64, ge=1)
+
+    @field_validator("haf_lrs")
+    @classmethod
+    def _lrs_positive(cls, v: list[float]) -> list[float]:
+        bad = [a for a in v if not a > 0]
+        if bad:
+            raise ValueError(f"haf_lrs {bad} out of range: each learning rate must be > 0")
+        return v
 
     @field_validator("alphas")
     @classmethod

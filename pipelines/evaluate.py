@@ -39,6 +39,10 @@ METRIC_COLUMNS = ("pointing_game", "energy_pointing_game", "pxap", "iou", "gini"
                   "deletion_auc_random", "wsss_miou")  # in the order the method rows hold them
 # xai_core methods whose maps are rescaled per map (or per layer) unless normalize=False
 NORMALIZED = ("tif", "haf", "gradcam", "gradcam_pp", "layercam", "gradcam_thresholded")
+# Methods that need only the model's input -> output function (no layer hooks): they, PGD and the perturbation
+# curves run on the actor's inference copy of each model (xai_core.models.inference_copy: the same function up
+# to float rounding, faster per pass); layer methods (CAMs, TIF, HAF) run on the model as loaded.
+INPUT_GRADIENT = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad")
 
 
 def base_method(method: str) -> str:
@@ -53,11 +57,14 @@ def alpha_of(alphas: dict[str, float], method: str) -> float:
 
 
 def method_options(cfg: Any, method: str, alpha: float, seed: int = 0, model: torch.nn.Module | None = None,
-                   raw: bool = False) -> dict[str, Any]:
+                   raw: bool = False, tuned: dict[str, float] | None = None) -> dict[str, Any]:
     """explain() options of a method or variant under this config (one place for evaluate, sweep and report).
 
     ``raw``: no per-map normalisation (D-WSOL compares one image's maps for several classes on one scale).
-    ``model`` resolves the layers of variants over TIF's layers (when model.layers is not configured)."""
+    ``model`` resolves the layers of variants over TIF's layers (when model.layers is not configured).
+    ``tuned``: the sweep's picks (``tuned_settings``); a HAF reading's "<method>:steps" and "<method>:lr"
+    replace evaluate.haf_steps and evaluate.haf_lr."""
+    tuned = tuned or {}
     e = cfg.evaluate
     layers = cfg.model.layers
     base, extra = VARIANTS.get(method, (method, {}))
@@ -69,16 +76,16 @@ def method_options(cfg: Any, method: str, alpha: float, seed: int = 0, model: to
                              "default_layers")
         extra["layers"] = tif_layers[-1:] if extra["layers"] == "last" else tif_layers
     if base == "integrated_gradients":
-        opts: dict[str, Any] = {"n_steps": e.ig_steps, "internal_batch_size": 1024}
+        opts: dict[str, Any] = {"n_steps": e.ig_steps}  # passes sized by the library's default
     elif base == "smoothgrad":
-        opts = {"n_samples": e.smoothgrad_samples, "generator": torch.Generator().manual_seed(seed),
-                "internal_batch_size": 1024}
+        opts = {"n_samples": e.smoothgrad_samples, "generator": torch.Generator().manual_seed(seed)}
     elif base == "tif":
         opts = {"base": e.tif_base, "alpha": alpha, **({"layers": layers} if layers else {})}
     elif base == "gradcam_thresholded":
         opts = {"alpha": alpha}
     elif base == "haf":
-        opts = {"steps": e.haf_steps, **({"layers": layers[-2:]} if layers else {})}
+        opts = {"steps": int(tuned.get(f"{method}:steps", e.haf_steps)),
+                "lr": float(tuned.get(f"{method}:lr", e.haf_lr)), **({"layers": layers[-2:]} if layers else {})}
     else:
         opts = {}
     opts.update(extra)
@@ -88,13 +95,14 @@ def method_options(cfg: Any, method: str, alpha: float, seed: int = 0, model: to
 
 
 def explain_fn(cfg: Any, method: str, alphas: dict[str, float], seed: int = 0, raw: bool = False) -> Any:
-    """fn(model, x, target) -> maps of a method or variant at its alpha (``alpha_of(alphas, method)``)."""
+    """fn(model, x, target) -> maps of a method or variant at its alpha (``alpha_of(alphas, method)``) and, for
+    HAF, the steps and lr the sweep calibrated (``alphas`` holds every setting the sweep tuned)."""
     from xai_core.attribution import explain
 
     alpha = alpha_of(alphas, method)
 
     def fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        opts = method_options(cfg, method, alpha, seed, model=model, raw=raw)
+        opts = method_options(cfg, method, alpha, seed, model=model, raw=raw, tuned=alphas)
         return explain(model, x, target, method=base_method(method), **opts).detach()
     return fn
 
@@ -114,8 +122,8 @@ def draw_absent(idx: np.ndarray, label_a: np.ndarray, label_b: np.ndarray, backg
 
 def draw_generator(first_idx: int, model_key: str, purpose: str) -> torch.Generator:
     """The generator of one evaluate batch (named by its first sample), model and purpose ("pgd_8",
-    "deletion_random/gradcam"): a model's drawn columns (PGD start, random deletion order) do not change
-    with the other models or methods evaluated beside it, nor with the order they run in."""
+    "deletion_random"): a model's drawn columns (PGD start, the random deletion order that every method's
+    row shares) do not change with the other models or methods evaluated beside it, nor with their order."""
     return seeded_generator(first_idx, model_key, purpose)
 
 
@@ -126,12 +134,14 @@ class EvalActor:
                  threads: int = 1, attribute: list[int] | None = None) -> None:
         from pipelines.common import load_model, pick_device
         from pipelines.config import Config
+        from xai_core.models import inference_copy
 
         torch.set_num_threads(max(1, threads))
         self.cfg = Config.model_validate(cfg_json)
         self.device = pick_device(self.cfg.train.device)
         store = st.Storage(*storage)
         self.models = {k: load_model(self.cfg, store.read_bytes(p), p).to(self.device) for k, p in models.items()}
+        self.fast = {k: inference_copy(m) for k, m in self.models.items()}  # see INPUT_GRADIENT
         self.alphas, self.split = alphas, split
         # idx of the test images that get PGD and attribution rows; the others get clean accuracy only
         self.attribute = None if attribute is None else np.asarray(attribute, dtype=np.int64)
@@ -147,6 +157,10 @@ class EvalActor:
               f"{len(self.cfg.evaluate.methods)} methods in {time.perf_counter() - t0:.0f} s", flush=True)
         return out
 
+    def _for(self, key: str, method: str) -> torch.nn.Module:
+        """The copy of model ``key`` that ``method`` runs on (INPUT_GRADIENT methods: the inference copy)."""
+        return self.fast[key] if base_method(method) in INPUT_GRADIENT else self.models[key]
+
     def _rows(self, batch: dict, key: str, method: str, cols: dict[str, torch.Tensor]) -> dict:
         n = len(batch["idx"])
         mode, seed = key.rsplit("_s", 1)
@@ -159,15 +173,14 @@ class EvalActor:
     def _test(self, batch: dict) -> dict:
         from pipelines.common import to_tensors
         from xai_core.metrics import (
-            deletion_auc,
             energy_pointing_game,
             gini,
-            insertion_auc,
             localisation_iou,
             pointing_game,
             pxap,
             wsss_miou,
         )
+        from xai_core.metrics.faithfulness import Curve, perturbation_curve_set
         from xai_core.perturb import pgd
 
         e = self.cfg.evaluate
@@ -199,26 +212,29 @@ class EvalActor:
                 correct = (model(x).argmax(1) == y).float()
             acc_cols = {"correct": correct}
             for eps in e.pgd_eps:
-                xa = pgd(model, x, y, eps=eps, step_size=eps / 4, steps=e.pgd_steps,
+                xa = pgd(self.fast[key], x, y, eps=eps, step_size=eps / 4, steps=e.pgd_steps,
                          generator=draw_generator(first, key, f"pgd_{round(eps * 255)}"))
                 with torch.no_grad():
                     acc_cols[f"robust_acc_{round(eps * 255)}"] = (model(xa).argmax(1) == y).float()
             out.append(self._rows(batch, key, "none", acc_cols))
+            maps = {m: explain_fn(self.cfg, m, self.alphas)(self._for(key, m), x, y) for m in e.methods}
+            # every curve of the model in one set: the points all curves share (x, its blurred copy) run once,
+            # and the random-order deletion curve does not depend on the map, so one serves every method
+            series: dict = {(m, mode): Curve(mode, maps[m]) for m in e.methods for mode in ("deletion", "insertion")}
+            if e.methods:
+                series["random"] = Curve("deletion", order="random",
+                                         generator=draw_generator(first, key, "deletion_random"))
+            curves, frac = perturbation_curve_set(self.fast[key], x, y, series, n_steps=e.deletion_steps)
+            auc = {k: torch.trapezoid(c, frac, dim=1) for k, c in curves.items()}
             for method in e.methods:
-                maps = explain_fn(self.cfg, method, self.alphas)(model, x, y)
-                d_auc, d_curve = deletion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
-                i_auc, i_curve = insertion_auc(model, x, maps, y, n_steps=e.deletion_steps, return_curves=True)
-                random_order = draw_generator(first, key, f"deletion_random/{method}")
-                cols = {"pointing_game": pointing_game(maps, mask),
-                        "energy_pointing_game": energy_pointing_game(maps, mask),
-                        "pxap": pxap(maps, mask), "iou": localisation_iou(maps, mask), "gini": gini(maps),
-                        "deletion_auc": d_auc, "insertion_auc": i_auc,
-                        "deletion_auc_random": deletion_auc(model, x, maps, y, n_steps=e.deletion_steps,
-                                                            order="random", generator=random_order),
-                        "wsss_miou": wsss_miou(maps, mask), "correct": correct}
+                m = maps[method]
+                cols = {"pointing_game": pointing_game(m, mask), "energy_pointing_game": energy_pointing_game(m, mask),
+                        "pxap": pxap(m, mask), "iou": localisation_iou(m, mask), "gini": gini(m),
+                        "deletion_auc": auc[(method, "deletion")], "insertion_auc": auc[(method, "insertion")],
+                        "deletion_auc_random": auc["random"], "wsss_miou": wsss_miou(m, mask), "correct": correct}
                 rows = self._rows(batch, key, method, cols)
-                rows["deletion_curve"] = d_curve.float().cpu().numpy()
-                rows["insertion_curve"] = i_curve.float().cpu().numpy()
+                rows["deletion_curve"] = curves[(method, "deletion")].float().cpu().numpy()
+                rows["insertion_curve"] = curves[(method, "insertion")].float().cpu().numpy()
                 out.append(rows)
         return _concat(out + rest_rows)
 
@@ -231,11 +247,11 @@ class EvalActor:
         absent = draw_absent(batch["idx"], batch["label"], batch["label2"], batch.get("background", np.full(n, -1)),
                              self.cfg.data.num_classes)
         out = []
-        for key, model in self.models.items():
+        for key in self.models:
             for method in self.cfg.evaluate.methods:
                 # raw maps: the three query classes of an image on one scale (METHODS §3)
                 fn = explain_fn(self.cfg, method, self.alphas, raw=True)
-                res = dwsol(model, t["image"], t["label"].long(), t["label2"].long(), t["mask"].bool(),
+                res = dwsol(self._for(key, method), t["image"], t["label"].long(), t["label2"].long(), t["mask"].bool(),
                             t["mask2"].bool(), fn, absent=torch.from_numpy(absent).to(self.device))
                 rows = self._rows(batch, key, method, {k: v for k, v in res.items()})
                 rows["absent"] = absent

@@ -197,7 +197,7 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
                 note("sweep", did, r)
             if store.exists(sweep.STAGE, "results.json"):
                 sweep_result = store.read_json(sweep.STAGE, "results.json")
-                alphas = {m: float(a) for m, a in sweep_result["best_alphas"].items()}
+                alphas = sweep.tuned_settings(sweep_result)  # alphas and HAF's steps/lr
         if last("sweep"):
             return
         r = stage_run("evaluate")

@@ -141,6 +141,26 @@ def alpha_figure(sweep: dict) -> Any:
     return fig
 
 
+def haf_figure(haf: dict) -> Any:
+    """HAF's objective curves from the sweep's calibration: one panel per HAF reading, one line per learning
+    rate (mean over validation images of the objective of the masks kept after each step), the pick marked."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(haf), figsize=(4.6 * len(haf), 3.4), squeeze=False)
+    for ax, (method, c) in zip(axes[0], sorted(haf.items())):
+        for lr, curve in sorted(c["curves"].items(), key=lambda kv: float(kv[0])):
+            ax.plot(range(len(curve)), curve, label=f"lr {lr}", lw=1.2)
+        ax.plot([c["steps"]], [c["curves"][f"{c['lr']:g}"][c["steps"]]], "ko", ms=5,
+                label=f"pick: lr {c['lr']:g}, {c['steps']} steps")
+        ax.set_yscale("log")
+        ax.set_xlabel("Adam steps")
+        ax.set_ylabel("objective P_c + lam * sparsity (mean)")
+        ax.set_title(f"{method}: objective curve (validation)", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def reweighting_rounds(cfg: Any, store: st.Storage) -> list[dict]:
     """The committed precompute rounds of this config: seed, round, the weight statistics by bias group
     and the weights file (stale rounds of another config are left out)."""
@@ -228,6 +248,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                "deletion_insertion_curves": curves_figure(store, eval_manifest)}
     if sweep_result:
         figures["alpha_curve"] = alpha_figure(sweep_result)
+        if sweep_result.get("haf"):
+            figures["haf_objective_curve"] = haf_figure(sweep_result["haf"])
     rounds = reweighting_rounds(cfg, store)
     wf = weights_figure(store, rounds)
     if wf is not None:
@@ -236,7 +258,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
              "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;font-size:12px}"
              "td,th{padding:2px 8px;text-align:right}img{max-width:100%}</style></head><body>",
              f"<h1>xai-ray report: {html.escape(cfg.name)}</h1>",
-             f"<p>Alphas used in evaluation: {', '.join(f'{m} {a:g}' for m, a in sorted(alphas.items()))}; "
+             f"<p>Settings tuned on validation and used in evaluation (alphas; HAF's steps and lr): "
+             f"{', '.join(f'{m} {a:g}' for m, a in sorted(alphas.items()))}; "
              f"models: {', '.join(sorted(train_manifest['files']))}</p>"]
     for title, df in tables.items():
         parts.append(_table_html(df, title))

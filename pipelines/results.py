@@ -163,6 +163,14 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
                 _table(["method", "alpha", *[{"pxap": "PxAP", "iou": "IoU", "energy_pointing_game": "EPG",
                                               "deletion_auc": "deletion AUC", "gini": "Gini"}[c] for c in cols]],
                        rows), ""]
+        for m, c in sorted((sweep.get("haf") or {}).items()):
+            curve = c["curves"][f"{c['lr']:g}"]
+            by_lr = sorted(c["curves"].items(), key=lambda kv: float(kv[0]))
+            finals = ", ".join(f"lr {lr}: {v[-1]:.4g}" for lr, v in by_lr)
+            out += [f"HAF calibration ({m}, validation split, METHODS §3): **lr {c['lr']:g}, {c['steps']} steps**, "
+                    f"the first step whose mean objective ({curve[c['steps']]:.4g}) is within "
+                    f"{cfg.sweep.haf_tol:g} of its value after {len(curve) - 1} steps ({curve[-1]:.4g}); final "
+                    f"objective by lr: {finals}. The curves are in the HTML report.", ""]
     # --- sanity baseline: the same architecture with fresh weights
     if "random" in set(test["mode"]):
         rows = []
@@ -201,11 +209,15 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
     out += ["## The claims, one line each", ""]
     out += _claim_lines(test, dwsol, summary)
     c, sc = cfg.consistency, cfg.scaat
+    calibrated = (sweep or {}).get("haf") or {}
+    haf = (", ".join(f"{m} {v['steps']} steps at lr {v['lr']:g} (calibrated on validation)"
+                     for m, v in sorted(calibrated.items())) if calibrated
+           else f"HAF {cfg.evaluate.haf_steps} steps at lr {cfg.evaluate.haf_lr:g}")
     out += ["", f"Settings tried in this run: consistency {c.rounds} rounds (round 0 = ERM at epoch "
                 f"{cfg.train.epochs - (c.rounds - 1) * c.round_epochs}, then {c.round_epochs} epochs per round), "
                 f"power {c.power:g}, cap {c.w_max if c.w_max is not None else 'none'}, eps {c.eps:.4f}, mask "
                 f"{c.mask_source}; SCAAT keep {sc.keep:g}, eps {sc.eps:.4f}, {sc.steps} PGD step(s), lambda "
-                f"{sc.lam:g}; TIF base {cfg.evaluate.tif_base}; HAF {cfg.evaluate.haf_steps} steps. "
+                f"{sc.lam:g}; TIF base {cfg.evaluate.tif_base}; {haf}. "
                 "A verdict holds for these settings on this benchmark only. Each difference is A minus its "
                 "comparator over the (seed, test image) cells both were measured on, with a paired bootstrap "
                 f"95% CI ({BOOTSTRAP_RESAMPLES} resamples of seeds and images); 'inconclusive' means the CI holds 0."]

@@ -51,6 +51,94 @@ def alpha_trial(config: dict) -> None:
     ray.tune.report({k: v / len(y) for k, v in sums.items()})
 
 
+def haf_trial(config: dict) -> None:
+    """One Tune trial: a HAF reading (an evaluated method whose base is HAF) at one learning rate on the first
+    sweep.haf_images validation images, sweep.haf_max_steps Adam steps; reports, per step, the mean over images
+    of the objective P_c + lam * sparsity of the masks HAF would keep after that many steps (its per-image
+    running minimum: HAF keeps each image's best evaluation), so step s is what ``steps=s`` returns."""
+    import ray.tune
+    import torch
+
+    from pipelines.common import load_model, to_tensors
+    from pipelines.config import Config
+    from pipelines.evaluate import method_options
+    from xai_core.attribution.registry import default_layers_for
+    from xai_core.attribution.reliable import learn_masks
+
+    torch.set_num_threads(1)
+    cfg = Config.model_validate(config["cfg"])
+    store = st.Storage(*config["storage"])
+    model = load_model(cfg, store.read_bytes(config["model_path"]), config["model_path"])
+    data = to_tensors(ingest.read_split_numpy(store, config["ingest"], "val", limit=cfg.sweep.haf_images))
+    opts = method_options(cfg, config["method"], 0.0, model=model)
+    layers = opts.get("layers") or default_layers_for(model, "last2")
+    trace: list[torch.Tensor] = []
+    learn_masks(model, data["image"], data["label"].long(), layers=layers, steps=cfg.sweep.haf_max_steps,
+                lr=config["lr"], lam=opts.get("lam", 1.0), keep=opts.get("keep", "loss"),
+                preserve=opts.get("preserve", "two_sided"), trace=trace)
+    kept = torch.cummin(torch.stack(trace), dim=0).values.mean(1)
+    for step, v in enumerate(kept.tolist()):
+        ray.tune.report({"objective": v, "step": step})
+
+
+def haf_pick(curve: list[float], tol: float) -> int:
+    """The steps a HAF reading runs: the first step whose mean objective is within ``tol`` (relative) of the
+    curve's last value, at least 1."""
+    last = curve[-1]
+    return max(1, next(s for s, v in enumerate(curve) if v <= last + tol * abs(last)))
+
+
+def calibrate_haf(cfg: Any, store: st.Storage, ingest_manifest: dict, model_path: str, tracker: Any,
+                  stage_run: str, plan: Any, h: str) -> dict:
+    """HAF's steps and lr from its objective curves (sweep.haf_*): {method: {lr, steps, curves, final}}."""
+    import ray.tune
+
+    from pipelines.evaluate import base_method
+
+    methods = [m for m in cfg.evaluate.methods if base_method(m) == "haf"]
+    if not methods or not cfg.sweep.haf_lrs:
+        return {}
+    tuner = ray.tune.Tuner(
+        ray.tune.with_resources(haf_trial, {"cpu": plan.tune_trial_cpus}),
+        param_space={"lr": ray.tune.grid_search(list(cfg.sweep.haf_lrs)), "method": ray.tune.grid_search(methods),
+                     "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
+                     "storage": store.args()},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
+        run_config=ray.tune.RunConfig(name=f"{cfg.name}-haf-{h[:8]}", storage_path=store.path("tune"),
+                                      storage_filesystem=store.fs if store.is_s3 else None, verbose=0),
+    )
+    curves: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
+    for res in tuner.fit():
+        if res.error:
+            raise RuntimeError(f"HAF calibration trial failed: {res.error}") from res.error
+        df = res.metrics_dataframe.sort_values("step")
+        curve = [float(v) for v in df["objective"]]
+        if len(curve) != cfg.sweep.haf_max_steps + 1:
+            raise RuntimeError(f"HAF calibration trial {res.config['method']} lr={res.config['lr']:g} reported "
+                               f"{len(curve)} steps, expected {cfg.sweep.haf_max_steps + 1}")
+        curves[res.config["method"]][f"{float(res.config['lr']):g}"] = curve
+    out = {}
+    for m in methods:
+        by_lr = curves[m]
+        lr = min(by_lr, key=lambda k: (by_lr[k][-1], float(k)))  # lowest final objective (smaller lr on a tie)
+        steps = haf_pick(by_lr[lr], cfg.sweep.haf_tol)
+        out[m] = {"lr": float(lr), "steps": steps, "final": by_lr[lr][-1], "curves": by_lr}
+        tracker.log_metric_series(stage_run, {f"haf_objective_{m}_lr{k}": c for k, c in by_lr.items()})
+        tracker.log_metrics(stage_run, {f"haf_steps_{m}": steps, f"haf_lr_{m}": float(lr)})
+        log.info("HAF %s: lr %s, %d steps (mean objective %.4g at %d steps, %.4g after %d)", m, lr, steps,
+                 by_lr[lr][steps], steps, by_lr[lr][-1], cfg.sweep.haf_max_steps)
+    return out
+
+
+def tuned_settings(result: dict) -> dict[str, float]:
+    """What evaluate takes from a sweep result: each thresholded method's alpha, and per HAF reading
+    "<method>:steps" and "<method>:lr" (one flat dict: evaluate's config hash and manifest record it)."""
+    out = {m: float(a) for m, a in result["best_alphas"].items()}
+    for m, c in result.get("haf", {}).items():
+        out[f"{m}:steps"], out[f"{m}:lr"] = float(c["steps"]), float(c["lr"])
+    return out
+
+
 def config_hash(cfg: Any) -> str:
     return cfg.section_hash("data", "model", "train", "consistency", "scaat", "sweep", "evaluate")
 
@@ -104,15 +192,18 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     best_alphas = {m: b["alpha"] for m, b in best.items()}
     tracker.log_metrics(stage_run, {**{f"best_alpha_{m}": a for m, a in best_alphas.items()},
                                     **{f"best_{metric}_{m}": b[metric] for m, b in best.items()}})
-    store.write_json({"rows": rows, "best_alpha": best_alphas["tif"], "best_alphas": best_alphas, "metric": metric},
-                     STAGE, "results.json")
+    haf = calibrate_haf(cfg, store, ingest_manifest, model_path, tracker, stage_run, plan, h)
+    result = {"rows": rows, "best_alpha": best_alphas["tif"], "best_alphas": best_alphas, "metric": metric,
+              "haf": haf}
+    store.write_json(result, STAGE, "results.json")
     files = {"results": [f"{STAGE}/results.json"]}
     if cfg.sweep.train_mode:  # before the commit: the stage is done only when both sweeps are
         store.write_json(train_knob_sweep(cfg, store, ingest_manifest, tracker, stage_run, plan),
                          STAGE, "train_sweep.json")
         files["train_sweep"] = [f"{STAGE}/train_sweep.json"]
-    manifest = st.commit(store, STAGE, h, best_alphas=best_alphas, metric=metric, files=files,
-                         rows={"trials": len(rows)})
+    manifest = st.commit(store, STAGE, h, best_alphas=best_alphas, tuned=tuned_settings(result), metric=metric,
+                         files=files, rows={"trials": len(rows),
+                                            "haf_trials": sum(len(c["curves"]) for c in haf.values())})
     return manifest, True
 
 

@@ -130,11 +130,18 @@ class Tracker:
             self.client.log_batch(run_id, params=items[i:i + 100])
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        self._log_points(run_id, [(k, v, step) for k, v in metrics.items()])
+
+    def log_metric_series(self, run_id: str, series: dict[str, list[float]]) -> None:
+        """Curves: each key's values at steps 0, 1, ... (batched writes, as log_metrics)."""
+        self._log_points(run_id, [(k, v, step) for k, vs in series.items() for step, v in enumerate(vs)])
+
+    def _log_points(self, run_id: str, points: list[tuple[str, float, int]]) -> None:
         import time
 
         from mlflow.entities import Metric
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v == v]  # drop NaN
+        items = [Metric(k, float(v), now, step) for k, v, step in points if v == v]  # drop NaN
         for i in range(0, len(items), 500):
             self.client.log_batch(run_id, metrics=items[i:i + 500])
 

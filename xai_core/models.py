@@ -139,6 +139,66 @@ def _stage_outputs(model: nn.Module, size: int = 64, keep: int = 4) -> list[str]
     return ends[1:][-keep:] if len(ends) > 1 else ends
 
 
+class _ChannelsLast(nn.Module):
+    """Runs ``inner`` (weights already channels-last) on its image input in channels-last layout."""
+
+    input_memory_format = torch.channels_last  # callers that build inputs in place can build them so
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+
+def _relu_in_place(gm: nn.Module) -> None:
+    """In a traced forward-only graph, a ReLU module whose input feeds nothing else may overwrite it (no
+    copy per activation); a module called at several places only if it is safe at each of them."""
+    import operator
+
+    fresh = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+    def makes_new_tensor(src: object) -> bool:  # not a view, not the model's input or a parameter
+        op, target = getattr(src, "op", None), getattr(src, "target", None)
+        return ((op == "call_module" and isinstance(gm.get_submodule(target), fresh))
+                or (op == "call_function" and target in (operator.add, torch.add))
+                or (op == "call_method" and target == "add"))
+
+    calls: dict[str, list[bool]] = {}
+    for node in gm.graph.nodes:  # type: ignore[union-attr]
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.ReLU):
+            src = node.args[0] if node.args else None
+            calls.setdefault(node.target, []).append(makes_new_tensor(src) and len(src.users) == 1)
+    for name, safe in calls.items():
+        if all(safe):
+            gm.get_submodule(name).inplace = True
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for passes that need only its input -> output function (perturbation curves,
+    input gradients, PGD): eval mode, parameters without gradients, every
+    Conv2d -> BatchNorm2d pair folded into one conv (torch.fx's ``fuse``, where the model traces; a model
+    that does not trace is only copied), ReLUs in place where their input is a fresh tensor that feeds nothing
+    else, weights and image inputs in channels-last layout. The same function as ``model.eval()`` up to float
+    rounding, faster per image on CPU (docs/BENCHMARKS.md, evaluate). ``model`` itself is not changed. Its
+    modules are not the model's, so hooks by layer name (CAMs) belong on the model, not on this copy."""
+    import copy
+
+    from torch.fx.experimental.optimization import fuse
+
+    base = copy.deepcopy(model).eval()
+    try:
+        fast: nn.Module = fuse(base, inplace=True)
+    except Exception:  # noqa: BLE001 - untraceable forward (data-dependent control flow): keep the modules
+        fast = base
+    else:
+        _relu_in_place(fast)
+    for p in fast.parameters():
+        p.requires_grad_(False)
+    return _ChannelsLast(fast.to(memory_format=torch.channels_last)).eval()
+
+
 def default_layers(model: nn.Module) -> list[str]:
     """The model's ``default_layers``, or ValueError asking for ``layers=`` explicitly."""
     layers = getattr(model, "default_layers", None)

@@ -102,7 +102,11 @@ def test_mlflow_holds_parent_nested_runs_metrics_images_and_models(smoke_run):
     assert [m.step for m in client.get_metric_history(cons.info.run_id, "loss")] == [2]  # warm-up 1 + round 1
     assert "gradcam/iou" in " ".join(children["evaluate"].data.metrics)
     figures = [a.path for a in client.list_artifacts(children["report"].info.run_id, "figures")]
-    assert "figures/heatmaps.png" in figures
+    assert {"figures/heatmaps.png", "figures/alpha_curve.png", "figures/haf_objective_curve.png"} <= set(figures)
+    sweep_run = children["sweep"].info.run_id  # HAF's objective curves, one MLflow step per Adam step
+    for lr in ("0.05", "0.5"):
+        hist = client.get_metric_history(sweep_run, f"haf_objective_haf_lr{lr}")
+        assert [m.step for m in hist] == list(range(7))  # sweep.haf_max_steps 6 in the smoke config
     mlflow.set_tracking_uri(smoke_run["db"])
     model = mlflow.pytorch.load_model(f"runs:/{erm.info.run_id}/model")
     x = torch.rand(2, 3, 32, 32)
@@ -161,8 +165,21 @@ def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke
     cfg = load_config(ROOT / "configs/smoke.yaml")
     store = smoke_run["store"]
     manifest = json.loads((store / "evaluate" / "_manifest.json").read_text())
-    picks = json.loads((store / "sweep" / "results.json").read_text())["best_alphas"]
-    assert manifest["alphas"] == picks  # evaluate ran each thresholded method at its own pick
+    from pipelines.sweep import haf_pick, tuned_settings
+
+    sweep_result = json.loads((store / "sweep" / "results.json").read_text())
+    picks = sweep_result["best_alphas"]
+    # evaluate ran each thresholded method at its own pick, and each HAF reading at its calibrated steps and lr
+    assert manifest["alphas"] == tuned_settings(sweep_result)
+    for method in ("haf", "haf_one_sided"):
+        c = sweep_result["haf"][method]
+        assert set(c["curves"]) == {f"{lr:g}" for lr in cfg.sweep.haf_lrs}
+        assert all(len(v) == cfg.sweep.haf_max_steps + 1 for v in c["curves"].values())
+        assert all(v[i + 1] <= v[i] for v in c["curves"].values() for i in range(len(v) - 1))  # kept: running min
+        assert c["lr"] == min(cfg.sweep.haf_lrs, key=lambda lr: c["curves"][f"{lr:g}"][-1])
+        assert c["steps"] == haf_pick(c["curves"][f"{c['lr']:g}"], cfg.sweep.haf_tol)
+        assert manifest["alphas"][f"{method}:steps"] == c["steps"]
+    haf = sweep_result["haf"]["haf"]
     best = picks["tif"]
     df = _evaluate_rows(store)
     data = _split(store, "test")
@@ -176,7 +193,8 @@ def test_evaluate_rows_equal_direct_xai_core_calls_on_the_committed_models(smoke
     n = cfg.evaluate.deletion_steps
     other_alpha = next(a for a in cfg.sweep.alphas if a != best)
     checks = {"erm_s0": {"gradcam": {}, "tif": {"base": cfg.evaluate.tif_base, "alpha": best},
-                         "gradcam_thresholded": {"alpha": picks["gradcam_thresholded"]}},
+                         "gradcam_thresholded": {"alpha": picks["gradcam_thresholded"]},
+                         "haf": {"steps": haf["steps"], "lr": haf["lr"]}},
               "consistency_s0": {"gradcam": {}}, "scaat_s0": {"saliency": {}}}
     misclassified = 0
     for key, methods in checks.items():

@@ -132,6 +132,68 @@ def test_deletion_matches_plain_loop_with_blur():
         assert max(ys) - min(ys) > 1e-4  # the blur changes the prediction: not a trivial comparison
 
 
+class _Counting(nn.Module):
+    """Counts the images it forwards; with ``fmt`` it asks for (and checks) that input layout."""
+
+    def __init__(self, inner, fmt=None):
+        super().__init__()
+        self.inner, self.rows, self.fmt = inner, 0, fmt
+        if fmt is not None:
+            self.input_memory_format = fmt
+
+    def forward(self, x):
+        self.rows += len(x)
+        if self.fmt is not None:
+            assert x.is_contiguous(memory_format=self.fmt)
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("fmt", [None, torch.channels_last])
+def test_curve_set_equals_each_curve_alone_and_runs_the_shared_points_once(fmt):
+    from xai_core.metrics.faithfulness import Curve, perturbation_curve_set, perturbation_curves
+
+    model, x, maps, t = _batch()
+    other = seeded(lambda: torch.rand(3, 8, 8), 5)
+    series = {("a", "deletion"): Curve("deletion", maps), ("a", "insertion"): Curve("insertion", maps),
+              ("b", "deletion"): Curve("deletion", other), ("b", "insertion"): Curve("insertion", other),
+              "random": Curve("deletion", order="random", generator=torch.Generator().manual_seed(7))}
+    alone = {}
+    for key, c in series.items():
+        gen = torch.Generator().manual_seed(7) if c.order == "random" else None
+        alone[key], frac = perturbation_curves(model, x, other if key[0] == "b" else maps, t, n_steps=5,
+                                               mode=c.mode, order=c.order, generator=gen)
+    for cs in (None, 1, 4, 7, 100):
+        series["random"] = series["random"]._replace(generator=torch.Generator().manual_seed(7))
+        counted = _Counting(model, fmt)
+        got, f = perturbation_curve_set(counted, x, t, series, n_steps=5, chunk_size=cs)
+        assert torch.equal(f, frac) and set(got) == set(series)
+        for key in series:
+            torch.testing.assert_close(got[key], alone[key], rtol=0, atol=1e-6, msg=f"{key} chunk {cs}")
+        # x and its blurred copy once for all 5 curves (2 x 3 images), then 4 inner points per curve and image
+        assert counted.rows == 2 * 3 + 5 * 3 * 4  # alone: 5 x 3 x 6 = 90
+    d, i = alone[("a", "deletion")], alone[("a", "insertion")]
+    assert torch.equal(d[:, 0], i[:, -1]) and torch.equal(d[:, -1], i[:, 0])  # the shared end points
+    assert not torch.allclose(alone["random"], d)  # the random order is another order
+
+
+def test_curve_set_one_step_and_errors():
+    from xai_core.metrics.faithfulness import Curve, perturbation_curve_set
+
+    model, x, maps, t = linear_model(), torch.ones(1, 1, 2, 2), torch.tensor([[[1.0, 2.0], [3.0, 4.0]]]), 0
+    counted = _Counting(model)
+    got, frac = perturbation_curve_set(counted, x, t, {"d": Curve("deletion", maps), "i": Curve("insertion", maps)},
+                                       n_steps=1, fill=0.0)
+    assert counted.rows == 2 and frac.tolist() == [0.0, 1.0]  # the end points only
+    assert torch.allclose(got["d"][0], torch.tensor([sig(10), sig(0)]), atol=1e-6)
+    assert torch.allclose(got["i"][0], torch.tensor([sig(0), sig(10)]), atol=1e-6)
+    with pytest.raises(ValueError, match="curve 'bad': mode='erase'"):
+        perturbation_curve_set(model, x, t, {"bad": Curve("erase", maps)})
+    with pytest.raises(ValueError, match="curve 'm': order='map' needs maps of shape"):
+        perturbation_curve_set(model, x, t, {"m": Curve("deletion")})
+    with pytest.raises(ValueError, match=r"curve 's': maps has shape \(1, 2, 3\)"):
+        perturbation_curve_set(model, x, t, {"s": Curve("deletion", torch.ones(1, 2, 3))})
+
+
 def test_gaussian_blur_kernel():
     x = seeded(lambda: torch.rand(2, 3, 16, 16), 3)
     # size 16: kernel 16 // 8 = 2 -> 3 (odd), sigma 16 / 16 = 1

@@ -106,3 +106,81 @@ def test_stage_imports_leave_torchvision_out_for_the_small_resnet():
             "print('torchvision' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[:2] == ["[]", "True"]
+
+
+# ---------------------------------------------------------------- inference_copy
+
+def _with_running_stats(model, seed=0):
+    """Trained-like BatchNorm statistics and affine weights, so that folding them into the convs shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["small_resnet", "resnet18"])
+def test_inference_copy_is_the_same_function_and_leaves_the_model_alone(arch):
+    from xai_core.models import inference_copy
+
+    torch.manual_seed(0)
+    model = _with_running_stats(build_model(arch, 5)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference_copy(model)
+    assert model.training and all(p.requires_grad for p in model.parameters())  # untouched
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())  # folded into the convs
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in fast.modules())
+    assert fast.input_memory_format is torch.channels_last
+    x = torch.rand(3, 3, 64, 64)
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    assert ref.abs().max() > 0.1
+    torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
+    # input gradients (saliency, IG, PGD run on the copy) equal the model's
+    xg = x.clone().requires_grad_(True)
+    (g_fast,) = torch.autograd.grad(fast(xg)[:, 1].sum(), xg)
+    xg = x.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(model(xg)[:, 1].sum(), xg)
+    torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-6)
+    assert torch.equal(x, xg.detach())  # the input is not overwritten by an in-place ReLU
+
+
+class _Branchy(torch.nn.Module):
+    """A ReLU whose input feeds another op too (may not run in place), and a forward fx cannot trace."""
+
+    def __init__(self, traceable=True):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.relu = torch.nn.ReLU()
+        self.fc = torch.nn.Linear(4, 2)
+        self.traceable = traceable
+
+    def forward(self, x):
+        a = self.bn(self.conv(x))
+        if not self.traceable and x.sum() > 0:  # data-dependent control flow
+            a = a * 2
+        h = self.relu(a) - a  # relu(a) in place would make this 0
+        return self.fc(h.mean((2, 3)))
+
+
+@pytest.mark.parametrize("traceable", [True, False])
+def test_inference_copy_keeps_shared_inputs_and_untraceable_models(traceable):
+    from xai_core.models import inference_copy
+
+    torch.manual_seed(1)
+    model = _with_running_stats(_Branchy(traceable)).eval()
+    fast = inference_copy(model)
+    assert not any(getattr(m, "inplace", False) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules()) is (not traceable)
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-6)
+    assert (ref - model.fc.bias).abs().max() > 1e-3  # h is not all zeros: the check can fail

@@ -323,3 +323,43 @@ def test_haf_fused_map_is_the_mean_of_the_normalised_upsampled_layer_masks(shape
         raw = sum(_bilinear_plain(masks[n][i].mean(0).double().numpy(), *size) for n in layers) / len(layers)
         np.testing.assert_allclose(heat_raw[i].numpy(), raw, rtol=1e-4, atol=1e-6)  # normalize=False
     assert varied >= len(x)  # masks that vary over the image: the general case of the normalisation ran
+
+
+def test_trace_is_the_objective_and_its_running_minimum_is_what_steps_s_keeps():
+    """HAF's calibration curve (sweep.haf_trial): trace[0] is the objective at all-ones masks (P_c = 0,
+    sparsity = sum over layers of K * sqrt(h w), by hand), and the per-image running minimum of the trace at
+    step s is the objective of the masks learn_masks(steps=s) returns."""
+    model = TinyCNN().eval()
+    x, t = _data()
+    layers = list(model.default_layers)
+    trace = []
+    learn_masks(model, x, t, layers=layers, steps=8, lr=0.1, trace=trace)
+    assert len(trace) == 9 and all(v.shape == (3,) for v in trace)
+    with torch.no_grad():
+        acts = {}
+        hs = [model.get_submodule(n).register_forward_hook(lambda _m, _i, o, n=n: acts.__setitem__(n, o))
+              for n in layers]
+        model(x)
+        for h in hs:
+            h.remove()
+    ones = sum(a.shape[1] * math.sqrt(a.shape[2] * a.shape[3]) for a in acts.values())
+    torch.testing.assert_close(trace[0], torch.full((3,), float(ones)), rtol=1e-6, atol=1e-5)
+    kept = torch.cummin(torch.stack(trace), dim=0).values
+    assert kept[-1].sum() < 0.5 * kept[0].sum()  # it learns: the check below is not at the starting point
+    for s in (3, 8):
+        masks, pres = learn_masks(model, x, t, layers=layers, steps=s, lr=0.1)
+        sparsity = sum(m.abs().flatten(1).sum(1) / math.sqrt(m.shape[2] * m.shape[3]) for m in masks.values())
+        torch.testing.assert_close(pres + sparsity, kept[s], rtol=1e-5, atol=1e-5)
+
+
+def test_haf_pick_and_tuned_settings_by_hand():
+    from pipelines.sweep import haf_pick, tuned_settings
+
+    curve = [100.0, 20.0, 12.0, 10.5, 10.2, 10.0]
+    assert haf_pick(curve, 0.1) == 3  # 10.5 <= 10 * 1.1; 12 is not
+    assert haf_pick(curve, 0.0) == 5 and haf_pick(curve, 100.0) == 1  # at least one step
+    res = {"best_alphas": {"tif": 0.25, "gradcam_thresholded": 0.5},
+           "haf": {"haf": {"lr": 0.5, "steps": 40, "curves": {}}, "haf_one_sided": {"lr": 0.2, "steps": 7}}}
+    assert tuned_settings(res) == {"tif": 0.25, "gradcam_thresholded": 0.5, "haf:steps": 40.0, "haf:lr": 0.5,
+                                   "haf_one_sided:steps": 7.0, "haf_one_sided:lr": 0.2}
+    assert tuned_settings({"best_alphas": {"tif": 0.0}}) == {"tif": 0.0}  # a sweep result before HAF's calibration

@@ -96,13 +96,15 @@ def _sparsity(masks: dict[str, torch.Tensor], scale: dict[str, float]) -> torch.
 
 def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers: Sequence[str],
                 steps: int = 30, lr: float = 0.05, lam: float = 1.0, keep: str = "loss",
-                preserve: str = "two_sided") -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                preserve: str = "two_sided", trace: list[torch.Tensor] | None = None
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Learn masks per layer for query class ``target``; returns (masks {name: [B,K,h,w]}, preservation [B]).
 
     ``preservation`` is P_c at the kept masks (``preserve``: see the module docstring). ``steps`` Adam
     updates are made and the objective is evaluated before each update and once after the last (steps + 1
-    candidates);
-    ``keep`` picks one per sample (see the module docstring). METHODS §3
+    candidates); ``keep`` picks one per sample (see the module docstring). ``trace``, a list, receives the
+    objective P_c + lam * sparsity [B] at each of the steps + 1 evaluations: the curve that says whether
+    ``steps`` and ``lr`` converge. METHODS §3
     """
     check_images(x)
     names = resolve_layers(model, layers)
@@ -137,6 +139,8 @@ def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *
         opt = torch.optim.Adam(list(masks.values()), lr=lr)
 
         def keep_best(pres: torch.Tensor, sparsity: torch.Tensor) -> None:
+            if trace is not None:
+                trace.append((pres + lam * sparsity).detach().clone())
             score = pres + lam * sparsity if keep == "loss" else pres
             better = torch.ones_like(pres, dtype=torch.bool) if keep == "last" else score < best_score
             best_score.copy_(torch.where(better, score, best_score))
