@@ -173,14 +173,15 @@ class EvalActor:
     def _test(self, batch: dict) -> dict:
         from pipelines.common import to_tensors
         from xai_core.metrics import (
+            Curve,
             energy_pointing_game,
             gini,
             localisation_iou,
+            perturbation_curve_set,
             pointing_game,
             pxap,
             wsss_miou,
         )
-        from xai_core.metrics.faithfulness import Curve, perturbation_curve_set
         from xai_core.perturb import pgd
 
         e = self.cfg.evaluate

@@ -189,7 +189,8 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
             return
         tr = need("train", st.committed(store, train.STAGE, train.config_hash(cfg)))
         alphas, sweep_result = default_alphas(cfg), None
-        if cfg.sweep.enabled and ("tif" in cfg.evaluate.methods or "sweep" in (args.only, args.until)):
+        calibrated = cfg.sweep.haf_lrs and any(evaluate.base_method(m) == "haf" for m in cfg.evaluate.methods)
+        if cfg.sweep.enabled and ("tif" in cfg.evaluate.methods or calibrated or "sweep" in (args.only, args.until)):
             r = stage_run("sweep")
             if wanted("sweep"):
                 sw, did = sweep.run(cfg, store, ing, tr, tracker, r, plan, force="sweep" in force,

@@ -99,13 +99,14 @@ def _kill_own_ray(proc: subprocess.Popen | None, marker: str) -> None:
     kill_processes_with_env(marker)
 
 
-# What the fault runs evaluate: a subset of the smoke run's methods (the CAM and HAF families the evaluate actor
-# runs, with the detection methods) and no random-weights baseline. No swept method (tif, the thresholded
-# control), so the alpha sweep does not run: it has no process to lose that evaluate's actor pool does not
-# have too, and the smoke run and tests/integration/test_pipeline.py cover it. Every row is computed per
-# (model, method, image), so these rows must equal the smoke run's rows of the same models and methods; the
-# report is not run (--until evaluate).
-FAULT_METHODS = ["gradcam", "haf"]
+# What the fault runs evaluate: a subset of the smoke run's methods (a CAM method on the loaded model and an
+# input-gradient method on the actor's inference copy, both detection methods) and no random-weights baseline.
+# No swept method (tif, the thresholded control), so the sweep does not run: it has no process to lose that
+# evaluate's actor pool does not have too, and the smoke run and tests/integration/test_pipeline.py cover it.
+# Not HAF: the smoke run evaluates it at the steps and lr the sweep calibrated, which a run without the sweep
+# cannot know. Every row is computed per (model, method, image), so these rows must equal the smoke run's rows
+# of the same models and methods; the report is not run (--until evaluate).
+FAULT_METHODS = ["gradcam", "saliency"]
 FAULT_MODELS = ["consistency_s0", "erm_s0", "scaat_s0"]
 
 
@@ -212,7 +213,7 @@ def test_killed_worker_actors_and_driver_end_as_the_uninterrupted_run(request, t
     got, want = (json.loads((s / "evaluate" / "summary.json").read_text()) for s in (store, ref))
     assert sorted(got) == FAULT_MODELS
     for model in FAULT_MODELS:  # detection, randomisation and attack rates of the methods evaluated here
-        assert "detection_auroc_haf_eps8" in got[model] and "randomisation_haf_fc" in got[model], got[model]
+        assert "detection_auroc_saliency_eps8" in got[model] and "randomisation_gradcam_fc" in got[model], got[model]
         assert got[model] == {k: want[model][k] for k in got[model]}, model
     assert not (store / "sweep").exists()  # nothing swept is evaluated here
 

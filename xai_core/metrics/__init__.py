@@ -3,7 +3,7 @@
 from xai_core.metrics.complexity import gini
 from xai_core.metrics.detection import adversarial_examples, auroc, detection_auroc, train_detector
 from xai_core.metrics.dwsol import dwsol, false_response
-from xai_core.metrics.faithfulness import deletion_auc, insertion_auc
+from xai_core.metrics.faithfulness import Curve, deletion_auc, insertion_auc, perturbation_curve_set
 from xai_core.metrics.groups import group_accuracy
 from xai_core.metrics.localisation import (
     energy_pointing_game,
@@ -17,6 +17,7 @@ from xai_core.metrics.sanity import model_randomisation, spearman
 from xai_core.metrics.wsol import best_threshold, dataset_pxap, iou_at, pxap
 
 __all__ = [
+    "Curve",
     "adversarial_examples",
     "auroc",
     "best_threshold",
@@ -32,6 +33,7 @@ __all__ = [
     "iou_at",
     "localisation_iou",
     "model_randomisation",
+    "perturbation_curve_set",
     "pointing_game",
     "pseudo_masks",
     "pxap",
