@@ -1,5 +1,6 @@
 """Stage sweep: Ray Tune over TIF's alpha (METHODS §2), objective = localisation on the validation split;
-optionally over training knobs (each trial a TorchTrainer under Tune, ASHA stops poor trials early).
+HAF's learning rate and steps from its objective curve (METHODS §3, ``calibrate_haf``); optionally over
+training knobs (each trial a TorchTrainer under Tune, ASHA stops poor trials early).
 
 Runs inside full.py, or on its own against a finished run's outputs (the entry point drives it; this stage
 never imports the entry point):
@@ -55,7 +56,8 @@ def haf_trial(config: dict) -> None:
     """One Tune trial: a HAF reading (an evaluated method whose base is HAF) at one learning rate on the first
     sweep.haf_images validation images, sweep.haf_max_steps Adam steps; reports, per step, the mean over images
     of the objective P_c + lam * sparsity of the masks HAF would keep after that many steps (its per-image
-    running minimum: HAF keeps each image's best evaluation), so step s is what ``steps=s`` returns."""
+    running minimum: HAF keeps each image's best evaluation with keep="loss", evaluate's setting), so step s is
+    what ``steps=s`` returns."""
     import ray.tune
     import torch
 
