@@ -1,6 +1,6 @@
 """Attribution cost: every ``explain`` method in cost units, beside Captum and pytorch-grad-cam.
 
-    python -m bench.attribution                 # SmallResNet 64 px batch 64, resnet18 224 px batch 16
+    python -m bench.attribution                 # SmallResNet 64 px b64, resnet18 224 px b16, vit_b_16 224 px b4
     python -m bench.attribution --tiny          # seconds: tiny sizes, 1 repeat (keeps the script alive)
     python -m bench.attribution --models small --repeats 7
 
@@ -32,7 +32,7 @@ from torch import nn
 
 from bench._timing import fix_threads, machine, markdown_table, measure, publish, unit_fn
 from xai_core.attribution import explain
-from xai_core.models import SmallResNet, build_model
+from xai_core.models import SmallResNet, SmallViT, build_model
 
 
 @dataclass
@@ -56,13 +56,34 @@ def configs(tiny: bool, repeats: int | None) -> dict[str, Config]:
                             2, 2, repeats or 1, warmup=0),
             "resnet18": Config("resnet18 32px b2", lambda: build_model("resnet18", num_classes=10), 32, 2,
                                2, 2, repeats or 1, warmup=0),
+            "vit": Config("SmallViT 32px b2", lambda: SmallViT(num_classes=10, image_size=32), 32, 2, 2, 2,
+                          repeats or 1, warmup=0),
         }
     return {
         "small": Config("SmallResNet(width=16) 64px b64", lambda: SmallResNet(num_classes=6, width=16), 64, 64,
                         16, 10, repeats or 7),
         "resnet18": Config("resnet18 224px b16", lambda: build_model("resnet18", num_classes=10), 224, 16,
                            16, 10, repeats or 3, internal_batch_size=64),
+        "vit": Config("vit_b_16 224px b4", _vit_b16, 224, 4, 16, 10, repeats or 3),
     }
+
+
+def _vit_b16() -> nn.Module:
+    """torchvision's vit_b_16 (weights=None) with a random head: its zero-initialised head would make
+    every gradient zero."""
+    model = build_model("vit_b_16", num_classes=10)
+    nn.init.normal_(model.heads.head.weight, std=0.02)
+    return model
+
+
+def _vit_reshape(model: nn.Module, size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """pytorch-grad-cam's ViT reshape_transform (its tutorial's): drop the class token, tokens to a grid."""
+    h = size // model.patch_size
+
+    def reshape_transform(tensor: torch.Tensor) -> torch.Tensor:
+        result = tensor[:, 1:, :].reshape(tensor.size(0), h, h, tensor.size(2))
+        return result.transpose(2, 3).transpose(1, 2)
+    return reshape_transform
 
 
 def _captum_gradcam(model: nn.Module, layer: str, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -70,9 +91,34 @@ def _captum_gradcam(model: nn.Module, layer: str, x: torch.Tensor, t: torch.Tens
     return LayerAttribution.interpolate(a, x.shape[-2:], "bilinear")[:, 0]
 
 
-def _pgc(cls: type, model: nn.Module, layers: list[str], x: torch.Tensor, t: torch.Tensor) -> object:
-    with cls(model=model, target_layers=[model.get_submodule(n) for n in layers]) as cam:
+def _pgc(cls: type, model: nn.Module, layers: list[str], x: torch.Tensor, t: torch.Tensor,
+         reshape: Callable | None = None) -> object:
+    with cls(model=model, target_layers=[model.get_submodule(n) for n in layers],
+             reshape_transform=reshape) as cam:
         return cam(input_tensor=x, targets=[ClassifierOutputTarget(int(c)) for c in t])
+
+
+def vit_rows(cfg: Config, model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[dict]:
+    """A ViT's token layers: ours (grid inferred) against pytorch-grad-cam with its reshape_transform."""
+    layers, cam, rs = list(model.default_layers), [model.cam_layer], _vit_reshape(model, cfg.size)
+
+    def ours(method: str, **kw: object) -> Callable[[], object]:
+        return lambda: explain(model, x, t, method=method, **kw)
+
+    pgc = "pytorch-grad-cam GradCAM"
+    return [
+        {"method": "gradcam", "opts": f"layers={cam}", "ours": ours("gradcam", layers=cam), "target": ("peer", pgc),
+         "peers": {pgc: lambda: _pgc(GradCAM, model, cam, x, t, rs)}},
+        {"method": "layercam", "opts": f"{len(layers)} layers", "ours": ours("layercam", layers=layers),
+         "target": ("peer", "pytorch-grad-cam LayerCAM"),
+         "peers": {"pytorch-grad-cam LayerCAM": lambda: _pgc(LayerCAM, model, layers, x, t, rs)}},
+        {"method": "tif", "opts": f"base=gradient, {len(layers)} layers", "target": ("units", 1.1),
+         "ours": ours("tif", base="gradient", layers=layers),
+         "peers": {f"{pgc}, {len(layers)} layers": lambda: _pgc(GradCAM, model, layers, x, t, rs)}},
+        {"method": "tif", "opts": f"base=input_x_gradient, {len(layers)} layers", "target": ("units", 1.1),
+         "ours": ours("tif", base="input_x_gradient", layers=layers),
+         "peers": {f"{pgc}, {len(layers)} layers": lambda: _pgc(GradCAM, model, layers, x, t, rs)}},
+    ]
 
 
 def rows_for(cfg: Config, model: nn.Module, x: torch.Tensor, t: torch.Tensor) -> list[dict]:
@@ -140,10 +186,11 @@ def run_config(key: str, cfg: Config, only: set[str] | None) -> list[dict]:
     torch.manual_seed(0)
     model = cfg.make().eval()
     x = torch.rand(cfg.batch, 3, cfg.size, cfg.size)
-    t = torch.randint(0, model.fc.out_features, (cfg.batch,))
+    with torch.no_grad():
+        t = torch.randint(0, model(x[:1]).shape[1], (cfg.batch,))
     unit = unit_fn(model, x, t)
     out = []
-    for row in rows_for(cfg, model, x, t):
+    for row in (vit_rows if key == "vit" else rows_for)(cfg, model, x, t):
         if only and row["method"] not in only:
             continue
         fns = {"unit": unit, "ours": row["ours"], **row["peers"]}
@@ -180,7 +227,7 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny sizes and 1 repeat: a seconds-long smoke run")
-    ap.add_argument("--models", default="small,resnet18", help="comma list of: small, resnet18")
+    ap.add_argument("--models", default="small,resnet18,vit", help="comma list of: small, resnet18, vit")
     ap.add_argument("--methods", default="", help="comma list of method names (default: all)")
     ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7 small, 3 resnet18)")
     ap.add_argument("--out-dir", default=None, help="where the JSON goes (default bench/results)")

@@ -171,8 +171,13 @@ def pick_device(choice: str = "auto") -> torch.device:
 
 def make_model(cfg: Any) -> torch.nn.Module:
     """The configured architecture, with the config's layer choices attached for explain()."""
-    kw = {"width": cfg.model.width} if cfg.model.arch == "small_resnet" else {}
-    model = build_model(cfg.model.arch, cfg.data.num_classes, **kw)
+    arch = cfg.model.arch
+    kw: dict[str, Any] = {}
+    if arch == "small_resnet":
+        kw = {"width": cfg.model.width}
+    elif arch == "vit_tiny" or arch.startswith("vit_"):  # a ViT's position embeddings fix its input size
+        kw = {"image_size": cfg.data.size}
+    model = build_model(arch, cfg.data.num_classes, **kw)
     if cfg.model.layers:
         model.default_layers = list(cfg.model.layers)
     if cfg.model.cam_layer:

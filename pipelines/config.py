@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -57,10 +58,24 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # small_resnet (width: its first stage's channels), vit_tiny (a 4-block ViT, patch 8, for CPU runs), or
+    # a torchvision classification model (vit_*/swin_* token layers are read as grids by every method)
     arch: str = "small_resnet"
     width: int = Field(16, ge=4, le=256)
     layers: list[str] | None = None  # TIF/HAF layers; None -> the model's default_layers
     cam_layer: str | None = None
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v in ("small_resnet", "vit_tiny"):
+            return v
+        from xai_core.models import available_archs  # imports torchvision: only for its architectures
+
+        allowed = available_archs()
+        if v not in allowed:
+            raise ValueError(f"unknown architecture {v!r}; allowed: {', '.join(allowed)}")
+        return v
 
 
 class TrainConfig(_Section):
@@ -243,6 +258,10 @@ class Config(_Section):
                 raise ValueError(f"consistency.rounds={c.rounds} x consistency.round_epochs={c.round_epochs}"
                                  f" leaves no ERM warm-up within train.epochs={self.train.epochs}: need "
                                  "(rounds - 1) * round_epochs < train.epochs")
+        patch = re.fullmatch(r"vit_[a-z]+_(\d+)", self.model.arch)
+        if patch and self.data.size % int(patch[1]):
+            raise ValueError(f"model.arch={self.model.arch!r} has patch size {patch[1]}: data.size="
+                             f"{self.data.size} must be a multiple of it")
         if self.sweep.model not in self.train.modes:
             raise ValueError(f"sweep.model={self.sweep.model!r} is not trained: train.modes="
                              f"{self.train.modes}")

@@ -90,25 +90,34 @@ def haf_pick(curve: list[float], tol: float) -> int:
     return max(1, next(s for s, v in enumerate(curve) if v <= last + tol * abs(last)))
 
 
+def _grid_tuner(trial: Any, grid: dict[str, list], cfg: Any, store: st.Storage, ingest_manifest: dict,
+                model_path: str, plan: Any, name: str, verbose: int) -> Any:
+    """A Ray Tune grid over ``grid`` (every combination) of a validation-split trial on one model; each trial
+    gets the config, the model's checkpoint path, the ingest manifest and the storage it reads them from."""
+    import ray.tune
+
+    return ray.tune.Tuner(
+        ray.tune.with_resources(trial, {"cpu": plan.tune_trial_cpus}),
+        param_space={**{k: ray.tune.grid_search(v) for k, v in grid.items()},
+                     "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
+                     "storage": store.args()},
+        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
+        run_config=ray.tune.RunConfig(name=name, storage_path=store.path("tune"),
+                                      storage_filesystem=store.fs if store.is_s3 else None, verbose=verbose),
+    )
+
+
 def calibrate_haf(cfg: Any, store: st.Storage, ingest_manifest: dict, model_path: str, tracker: Any,
                   stage_run: str, plan: Any, h: str) -> dict:
     """HAF's steps and lr from its objective curves (sweep.haf_*): {method: {lr, steps, curves, final}}."""
-    import ray.tune
 
     from pipelines.evaluate import base_method
 
     methods = [m for m in cfg.evaluate.methods if base_method(m) == "haf"]
     if not methods or not cfg.sweep.haf_lrs:
         return {}
-    tuner = ray.tune.Tuner(
-        ray.tune.with_resources(haf_trial, {"cpu": plan.tune_trial_cpus}),
-        param_space={"lr": ray.tune.grid_search(list(cfg.sweep.haf_lrs)), "method": ray.tune.grid_search(methods),
-                     "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
-                     "storage": store.args()},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
-        run_config=ray.tune.RunConfig(name=f"{cfg.name}-haf-{h[:8]}", storage_path=store.path("tune"),
-                                      storage_filesystem=store.fs if store.is_s3 else None, verbose=0),
-    )
+    tuner = _grid_tuner(haf_trial, {"lr": list(cfg.sweep.haf_lrs), "method": methods}, cfg, store,
+                        ingest_manifest, model_path, plan, f"{cfg.name}-haf-{h[:8]}", verbose=0)
     curves: dict[str, dict[str, list[float]]] = {m: {} for m in methods}
     for res in tuner.fit():
         if res.error:
@@ -149,7 +158,6 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         stage_run: str, plan: Any, force: bool = False, alphas: list[float] | None = None) -> tuple[dict, bool]:
     """Sweep alpha for TIF and for the thresholded Grad-CAM control, each picking its own best alpha by
     ``sweep.metric`` on the validation split; returns (manifest, did_work)."""
-    import ray.tune
 
     from pipelines.common import model_key
 
@@ -159,18 +167,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     st.begin(store, STAGE)
     alphas = alphas or cfg.sweep.alphas
     model_path = train_manifest["files"][model_key(cfg.sweep.model, cfg.train.seeds[0])]
-    trainable = ray.tune.with_resources(alpha_trial, {"cpu": plan.tune_trial_cpus})
-    tuner = ray.tune.Tuner(
-        trainable,
-        param_space={"alpha": ray.tune.grid_search(list(alphas)),
-                     "method": ray.tune.grid_search(list(THRESHOLDED)),
-                     "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
-                     "storage": store.args()},
-        tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
-        run_config=ray.tune.RunConfig(name=f"{cfg.name}-alpha-{h[:8]}", storage_path=store.path("tune"),
-                                      storage_filesystem=store.fs if store.is_s3 else None, verbose=1),
-    )
-    grid = tuner.fit()
+    grid = _grid_tuner(alpha_trial, {"alpha": list(alphas), "method": list(THRESHOLDED)}, cfg, store,
+                       ingest_manifest, model_path, plan, f"{cfg.name}-alpha-{h[:8]}", verbose=1).fit()
     rows = []
     for res in grid:
         if res.error:

@@ -110,6 +110,12 @@ def check_same_shape(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
 def as_targets(target: torch.Tensor | int | list[int], batch: int, num_classes: int | None,
                device: torch.device) -> torch.Tensor:
     """Validate targets: an int (broadcast) or a LongTensor [B] of class indices in [0, num_classes)."""
+    from xai_core.targets import is_multilabel
+
+    if is_multilabel(target):
+        raise ValueError("this function takes one class per image (an int or a LongTensor [B]); for "
+                         "multi-label targets (multi-hot [B,K] or class lists) call explain(), which "
+                         "expands them into (image, class) pairs")
     if isinstance(target, int):
         t = torch.full((batch,), target, dtype=torch.long, device=device)
     else:

@@ -1,4 +1,5 @@
-"""Models: a small ResNet for CPU-sized runs (METHODS §7) and a torchvision factory with layer defaults.
+"""Models: a small ResNet and a small ViT for CPU-sized runs (METHODS §7) and a torchvision factory with
+layer defaults.
 
 Every model returned here carries ``default_layers`` (stage outputs, names for ``get_submodule``) and
 ``cam_layer`` (the last convolutional stage) where they can be found, and uses no in-place activations,
@@ -62,11 +63,82 @@ class SmallResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
+class SmallViT(nn.Module):
+    """A ViT for CPU-sized runs (``vit_tiny``: 64 px, patch 8, 4 blocks, hidden 128) built from
+    torchvision's encoder blocks, with torchvision's module names (``encoder.layers.encoder_layer_i``,
+    ``heads.head``). Beyond torchvision's ViT: rectangular ``image_size`` (h, w), ``num_registers``
+    register tokens after the class token (no position embedding, as DINOv2's), and any input size
+    (multiples of the patch size): the patch position embeddings are interpolated bicubically to its grid.
+    The head starts random (torchvision's starts at zero, which makes every gradient of a fresh model 0).
+    """
+
+    def __init__(self, num_classes: int = 6, image_size: int | tuple[int, int] = 64, patch_size: int = 8,
+                 num_layers: int = 4, num_heads: int = 4, hidden_dim: int = 128, mlp_dim: int = 256,
+                 num_registers: int = 0, in_channels: int = 3) -> None:
+        super().__init__()
+        from collections import OrderedDict
+
+        from torchvision.models.vision_transformer import EncoderBlock
+
+        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if (num_classes < 1 or patch_size < 1 or num_layers < 1 or num_registers < 0 or len(size) != 2
+                or min(size) < patch_size or hidden_dim % num_heads):
+            raise ValueError(f"invalid SmallViT arguments: num_classes={num_classes}, image_size={image_size}, "
+                             f"patch_size={patch_size}, num_layers={num_layers}, num_heads={num_heads}, "
+                             f"hidden_dim={hidden_dim}, num_registers={num_registers} (sizes >= 1, image >= "
+                             "patch, hidden_dim a multiple of num_heads, registers >= 0)")
+        self.patch_size = patch_size
+        self.grid = (size[0] // patch_size, size[1] // patch_size)
+        self.num_prefix_tokens = 1 + num_registers
+        self.conv_proj = nn.Conv2d(in_channels, hidden_dim, patch_size, patch_size)
+        self.class_token = nn.Parameter(torch.zeros(1, 1, hidden_dim))
+        self.register_tokens = nn.Parameter(torch.randn(1, num_registers, hidden_dim) * 0.02)
+        self.pos_embedding = nn.Parameter(torch.randn(1, 1 + self.grid[0] * self.grid[1], hidden_dim) * 0.02)
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.Sequential(OrderedDict(
+            (f"encoder_layer_{i}", EncoderBlock(num_heads, hidden_dim, mlp_dim, 0.0, 0.0))
+            for i in range(num_layers)))
+        self.encoder.ln = nn.LayerNorm(hidden_dim, eps=1e-6)
+        self.heads = nn.Sequential(OrderedDict(head=nn.Linear(hidden_dim, num_classes)))
+        self.default_layers, self.cam_layer = _vit_layers(num_layers)
+
+    def _positions(self, gh: int, gw: int) -> torch.Tensor:
+        pos = self.pos_embedding[:, 1:]
+        if (gh, gw) != self.grid:
+            d = pos.shape[-1]
+            grid = pos.reshape(1, *self.grid, d).permute(0, 3, 1, 2)
+            pos = nn.functional.interpolate(grid, size=(gh, gw), mode="bicubic", align_corners=False)
+            pos = pos.permute(0, 2, 3, 1).reshape(1, gh * gw, d)
+        return pos
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or min(x.shape[-2:]) < self.patch_size:
+            raise ValueError(f"SmallViT takes images [B,C,H,W] with H, W >= patch size {self.patch_size}, "
+                             f"got {tuple(x.shape)}")
+        t = self.conv_proj(x)
+        n, gh, gw = t.shape[0], t.shape[-2], t.shape[-1]
+        tokens = t.flatten(2).transpose(1, 2) + self._positions(gh, gw)
+        cls = (self.class_token + self.pos_embedding[:, :1]).expand(n, -1, -1)
+        x = torch.cat([cls, self.register_tokens.expand(n, -1, -1), tokens], dim=1)
+        x = self.encoder.ln(self.encoder.layers(x))
+        return self.heads(x[:, 0])
+
+
+def _vit_layers(num_layers: int) -> tuple[list[str], str]:
+    """ViT layer defaults: ``ln_1`` (the input of the block's attention, which every patch token reaches
+    the class token through) of up to 4 blocks spaced evenly to the last; cam_layer the last block's
+    ``ln_1``, pytorch-grad-cam's choice (the last block's output reaches the head only through the class
+    token, so its patch tokens have zero gradient)."""
+    picks = sorted({max(0, round(num_layers * (k + 1) / 4) - 1) for k in range(4)})
+    names = [f"encoder.layers.encoder_layer_{i}.ln_1" for i in picks]
+    return names, names[-1]
+
+
 def available_archs() -> list[str]:
     """Names accepted by ``build_model``: "small_resnet" and torchvision's classification models."""
     import torchvision
 
-    return ["small_resnet", *torchvision.models.list_models(module=torchvision.models)]
+    return ["small_resnet", "vit_tiny", *torchvision.models.list_models(module=torchvision.models)]
 
 
 def build_model(arch: str, num_classes: int, **kw: object) -> nn.Module:
@@ -76,6 +148,8 @@ def build_model(arch: str, num_classes: int, **kw: object) -> nn.Module:
     torch._dynamo), which every actor of a stage paid at start-up for the small ResNet."""
     if arch == "small_resnet":
         return SmallResNet(num_classes=num_classes, **kw)
+    if arch == "vit_tiny":
+        return SmallViT(num_classes=num_classes, **kw)
     allowed = available_archs()
     if arch not in allowed:
         raise ValueError(f"unknown arch {arch!r}: allowed values are {', '.join(allowed)}")
@@ -98,6 +172,11 @@ def _torchvision_layers(arch: str, model: nn.Module) -> tuple[list[str], str | N
         return [f"layer{i}" for i in range(1, 5)], "layer4"
     if arch.startswith("densenet"):
         return [f"features.denseblock{i}" for i in range(1, 5)], "features.norm5"
+    if arch.startswith("vit_"):  # torchvision VisionTransformer: encoder.layers.encoder_layer_i
+        return _vit_layers(len(model.encoder.layers))
+    if arch.startswith("swin"):  # stages features.1, .3, .5, .7 output [B,h,w,C] (layer_grid reads them)
+        stages = [f"features.{i}" for i in range(1, len(model.features), 2)]
+        return stages, stages[-1]
     if arch.startswith("vgg"):  # the module just before each max-pool ends a conv block
         feats = list(model.features)
         ends = [f"features.{i - 1}" for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]

@@ -27,7 +27,9 @@ def test_attribution_tiny(tmp_path):
                 "layercam", "tif", "gradcam_thresholded", "haf"}
     for model in ("small", "resnet18"):
         assert {r["method"] for r in rows if r["model"] == model} == expected
-    assert len([r for r in rows if r["method"] == "tif"]) == 4  # two bases x two models
+    assert {r["method"] for r in rows if r["model"] == "vit"} == {"gradcam", "layercam", "tif"}
+    assert all(r["peers"] for r in rows if r["model"] == "vit")  # each beside pytorch-grad-cam
+    assert len([r for r in rows if r["method"] == "tif"]) == 6  # two bases x three models
     for r in rows:
         assert _positive_finite(r["unit_s"]) and _positive_finite(r["ours_s"]) and _positive_finite(r["units"])
         for peer in r["peers"].values():

@@ -32,6 +32,8 @@ def test_overrides_are_parsed_as_yaml():
     ("sweep.alphas=[0.5, 1.5]", r"alphas \[1\.5\] out of range"),
     ("evaluate.methods=[gradcam, nope]", r"unknown method\(s\) \['nope'\]"),
     ("train.modes=[consistency]", r"'erm' must be in train.modes"),
+    ("model.arch=resnet_99", r"model\.arch: .*unknown architecture 'resnet_99'; allowed: small_resnet, vit_tiny, "),
+    ("model.arch=vit_h_14", r"'vit_h_14' has patch size 14: data.size=32 must be a multiple of it"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from xai_core._tensor import norm01, upsample
-from xai_core.attribution._hooks import layer_maps
+from xai_core.attribution._hooks import ReshapeArg, layer_maps
 
 WeightFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -53,9 +53,9 @@ CAM_WEIGHTS: dict[str, WeightFn] = {
 
 def cam_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, layers: Sequence[str],
              weights: WeightFn, *, upsample_maps: bool = True, normalize: bool = True,
-             create_graph: bool = False) -> torch.Tensor:
+             create_graph: bool = False, reshape: ReshapeArg = None) -> torch.Tensor:
     """The CAM template: one forward and one backward (stopping at the shallowest layer) for all layers."""
-    lm = layer_maps(model, x, target, layers, create_graph=create_graph)
+    lm = layer_maps(model, x, target, layers, create_graph=create_graph, reshape=reshape)
     cams = [torch.relu((weights(lm.activations[n], lm.gradients[n]) * lm.activations[n]).sum(1))
             for n in layers]
     if not upsample_maps:

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from xai_core._tensor import check_images
-from xai_core.attribution._hooks import LayerMaps, layer_maps
+from xai_core.attribution._hooks import LayerMaps, ReshapeArg, layer_maps
+from xai_core.targets import rows_for
 
 StepReducer = Callable[[LayerMaps, int], dict[str, torch.Tensor]]
 
@@ -37,7 +38,7 @@ def run_steps(model: nn.Module, make_inputs: Callable[[int, int], torch.Tensor],
               target: torch.Tensor | int, reducer: StepReducer, *, layers: Sequence[str] = (),
               input_grad: bool = False, create_graph: bool = False,
               internal_batch_size: int | None = None, batch: int,
-              step_input: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+              step_input: torch.Tensor | None = None, reshape: ReshapeArg = None) -> dict[str, torch.Tensor]:
     """Run ``n`` perturbed copies of a batch through forward+backward, several steps per pass.
 
     ``make_inputs(start, count)`` returns ``count`` stacked copies [count*B,C,H,W]; ``reducer`` maps the
@@ -57,7 +58,8 @@ def run_steps(model: nn.Module, make_inputs: Callable[[int, int], torch.Tensor],
         count = min(per_pass, n - start)
         xs = make_inputs(start, count)
         ts = tgt if isinstance(tgt, int) else tgt.to(xs.device).repeat(count)
-        lm = layer_maps(model, xs, ts, layers, input_grad=input_grad, create_graph=create_graph)
+        lm = layer_maps(model, xs, ts, layers, input_grad=input_grad, create_graph=create_graph,
+                        reshape=reshape)
         for key, val in reducer(lm, count).items():
             s = val.sum(0)
             total[key] = s if key not in total else total[key] + s
@@ -77,8 +79,8 @@ def saliency(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *,
 
 def input_x_gradient(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *,
                      create_graph: bool = False) -> torch.Tensor:
-    """Raw x * dy_t/dx, [B,C,H,W]."""
-    return x * saliency(model, x, target, create_graph=create_graph)
+    """Raw x * dy_t/dx, [B,C,H,W] (a row per pair for a ``Pairs`` target)."""
+    return rows_for(x, target) * saliency(model, x, target, create_graph=create_graph)
 
 
 def integrated_gradients(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *,

@@ -11,6 +11,7 @@ from torch import nn
 
 from xai_core._tensor import check_images
 from xai_core.attribution import cam, gradients
+from xai_core.targets import PairMaps, Pairs, is_multilabel, label_pairs
 
 
 @dataclass(frozen=True)
@@ -22,16 +23,20 @@ class Method:
     kind: str
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
     default_layers: str = "cam"  # "cam": [model.cam_layer]; "all": model.default_layers; "last2"
+    # whether ``fn`` takes a Pairs target with these options (one forward for all classes of an image);
+    # otherwise a multi-label call runs on the batch expanded to one row per (image, class) pair
+    pairs: Callable[[dict], bool] = lambda _options: False
 
 
 _METHODS: dict[str, Method] = {
-    "saliency": Method(gradients.saliency, "input", gradients.reduce_abs_max),
-    "input_x_gradient": Method(gradients.input_x_gradient, "input", gradients.reduce_sum_abs),
+    "saliency": Method(gradients.saliency, "input", gradients.reduce_abs_max, pairs=lambda _o: True),
+    "input_x_gradient": Method(gradients.input_x_gradient, "input", gradients.reduce_sum_abs,
+                               pairs=lambda _o: True),
     "integrated_gradients": Method(gradients.integrated_gradients, "input", gradients.reduce_sum_abs),
     "smoothgrad": Method(gradients.smoothgrad, "input", gradients.reduce_abs_max),
-    "gradcam": Method(cam.CAM_WEIGHTS["gradcam"], "cam"),
-    "gradcam_pp": Method(cam.CAM_WEIGHTS["gradcam_pp"], "cam"),
-    "layercam": Method(cam.CAM_WEIGHTS["layercam"], "cam"),
+    "gradcam": Method(cam.CAM_WEIGHTS["gradcam"], "cam", pairs=lambda _o: True),
+    "gradcam_pp": Method(cam.CAM_WEIGHTS["gradcam_pp"], "cam", pairs=lambda _o: True),
+    "layercam": Method(cam.CAM_WEIGHTS["layercam"], "cam", pairs=lambda _o: True),
 }
 
 
@@ -59,20 +64,42 @@ def default_layers_for(model: nn.Module, which: str) -> list[str]:
     return list(layers[-2:]) if which == "last2" else list(layers)
 
 
-def explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, method: str = "gradcam", *,
-            layers: Sequence[str] | str | None = None, reduce: str | None = "default",
-            create_graph: bool = False, upsample: bool = True, **options: object) -> torch.Tensor:
+def explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | Sequence[Sequence[int]] | Pairs,
+            method: str = "gradcam", *, layers: Sequence[str] | str | None = None,
+            reduce: str | None = "default", create_graph: bool = False, upsample: bool = True,
+            **options: object) -> torch.Tensor | PairMaps:
     """Heatmaps [B,H,W] of ``method`` for per-sample targets (or raw attributions with reduce=None).
 
     Input methods with ``reduce=None`` return raw [B,C,H,W]; CAM methods with ``upsample=False`` (or
     ``reduce=None``) return the single layer's map [B,h,w]. ``options`` go to the method
     (``n_steps``, ``internal_batch_size``, ``alpha``, ...); an unknown option raises ValueError.
+    Methods over layers take token layers as they are: ViT [B,N,D] and Swin [B,h,w,D] outputs become
+    [B,D,h,w] grids (leading class/register tokens dropped; ``_hooks.layer_grid``); ``reshape=`` (a
+    callable [B,N,D] -> [B,D,h,w], or a mapping layer name -> callable) overrides the inferred grid.
+
+    Multi-label: with ``target`` a multi-hot [B,K] tensor or a list of B class lists, the result is a
+    ``PairMaps``: ``.maps`` [P,H,W], one per (image, class) pair, ``.image`` and ``.target`` [P] saying
+    which (xai_core.targets). Gradient and CAM methods (and TIF on a one-pass base) run the B images
+    once forward and once backward per label rank; the others run on the batch expanded to the P pairs.
     """
     check_images(x)
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(available_methods())}")
     if reduce not in ("default", None):
         raise ValueError(f"reduce={reduce!r} is not allowed: use 'default' (heatmap) or None (raw)")
+    spec = _METHODS[method]
+    run = dict(layers=layers, reduce=reduce, create_graph=create_graph, upsample=upsample, **options)
+    if not is_multilabel(target):
+        return _explain(model, x, target, method, **run)
+    pairs = label_pairs(target, x.shape[0])
+    if spec.pairs(options):
+        return PairMaps(_explain(model, x, pairs, method, **run), pairs)
+    return PairMaps(_explain(model, pairs.rows(x), pairs.target.to(x.device), method, **run), pairs)
+
+
+def _explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | Pairs, method: str, *,
+             layers: Sequence[str] | str | None, reduce: str | None, create_graph: bool, upsample: bool,
+             **options: object) -> torch.Tensor:
     spec = _METHODS[method]
     allowed = [p for p in inspect.signature(spec.fn).parameters
                if p not in ("model", "x", "target", "acts", "grads", "layers", "create_graph")]
@@ -87,9 +114,10 @@ def explain(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, metho
     names = default_layers_for(model, spec.default_layers) if layers is None else (
         [layers] if isinstance(layers, str) else list(layers))
     if spec.kind == "cam":
-        _check_options(method, options, ["normalize"])
+        _check_options(method, options, ["normalize", "reshape"])
         return cam.cam_maps(model, x, target, names, spec.fn, create_graph=create_graph,
-                            upsample_maps=upsample and reduce is not None, normalize=options.get("normalize", True))
+                            upsample_maps=upsample and reduce is not None, normalize=options.get("normalize", True),
+                            reshape=options.get("reshape"))
     _check_options(method, options, allowed + ["upsample"])
     return spec.fn(model, x, target, layers=names, create_graph=create_graph, upsample=upsample,
                    **options)

@@ -39,7 +39,7 @@ from torch import nn
 
 from xai_core._tensor import as_targets, check_images, norm01
 from xai_core._tensor import upsample as _upsample
-from xai_core.attribution._hooks import capture, resolve_layers
+from xai_core.attribution._hooks import ReshapeArg, capture, on_grids, resolve_layers
 from xai_core.attribution.registry import Method, register
 
 KEEP = ("loss", "preservation", "last")  # which iterate ``learn_masks`` returns, per sample
@@ -63,25 +63,6 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-@contextmanager
-def _masked(model: nn.Module, masks: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Forward hooks that multiply each named layer's output by its mask; removed in ``finally``."""
-    handles = []
-
-    def make_hook(name: str):  # noqa: ANN202
-        def hook(_m: nn.Module, _inp: tuple, out: torch.Tensor) -> torch.Tensor:
-            return out * masks[name]
-        return hook
-
-    try:
-        for name in masks:
-            handles.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def _check_positive(value: float, name: str, allow_zero: bool = False) -> None:
     ok = value >= 0 if allow_zero else value > 0
     if not ok or not math.isfinite(value):
@@ -96,15 +77,16 @@ def _sparsity(masks: dict[str, torch.Tensor], scale: dict[str, float]) -> torch.
 
 def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers: Sequence[str],
                 steps: int = 30, lr: float = 0.05, lam: float = 1.0, keep: str = "loss",
-                preserve: str = "two_sided", trace: list[torch.Tensor] | None = None
-                ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+                preserve: str = "two_sided", trace: list[torch.Tensor] | None = None,
+                reshape: ReshapeArg = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Learn masks per layer for query class ``target``; returns (masks {name: [B,K,h,w]}, preservation [B]).
 
     ``preservation`` is P_c at the kept masks (``preserve``: see the module docstring). ``steps`` Adam
     updates are made and the objective is evaluated before each update and once after the last (steps + 1
     candidates); ``keep`` picks one per sample (see the module docstring). ``trace``, a list, receives the
     objective P_c + lam * sparsity [B] at each of the steps + 1 evaluations: the curve that says whether
-    ``steps`` and ``lr`` converge. METHODS §3
+    ``steps`` and ``lr`` converge. Token layers are masked on their patch grid ([B,D,h,w], ``layer_grid``;
+    ``reshape``), leading class/register tokens untouched. METHODS §3
     """
     check_images(x)
     names = resolve_layers(model, layers)
@@ -118,7 +100,7 @@ def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *
         raise ValueError(f"preserve={preserve!r} is not allowed: use one of {', '.join(PRESERVE)}")
     x = x.detach()
     with _eval_mode(model):
-        with torch.no_grad(), capture(model, names) as acts:
+        with torch.no_grad(), capture(model, names, reshape) as acts:
             logits = model(x)
         if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
             shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -149,7 +131,7 @@ def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *
                 sel = better.view(-1, *([1] * (m.dim() - 1)))
                 best[n] = torch.where(sel, m.detach(), best[n])
 
-        with _masked(model, masks):
+        with on_grids(model, names, lambda n, grid: grid * masks[n], reshape):
             for _ in range(steps):
                 with torch.enable_grad():
                     out = model(x).gather(1, t[:, None]).squeeze(1)
@@ -172,7 +154,8 @@ def learn_masks(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *
 
 def haf(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers: Sequence[str],
         steps: int = 30, lr: float = 0.05, lam: float = 1.0, keep: str = "loss", preserve: str = "two_sided",
-        normalize: bool = True, upsample: bool = True, create_graph: bool = False) -> torch.Tensor:
+        normalize: bool = True, upsample: bool = True, create_graph: bool = False,
+        reshape: ReshapeArg = None) -> torch.Tensor:
     """HAF heatmaps [B,H,W] = sum_l norm01(upsample(mean_k M_l)) / L from ``learn_masks``. METHODS §3
 
     ``normalize=False``: sum_l upsample(mean_k M_l) / L, the raw masks (no per-layer norm01).
@@ -189,7 +172,7 @@ def haf(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers
         raise ValueError(f"upsample=False needs exactly one layer (masks of different layers have "
                          f"different sizes), got layers={names}")
     masks, _ = learn_masks(model, x, target, layers=names, steps=steps, lr=lr, lam=lam, keep=keep,
-                           preserve=preserve)
+                           preserve=preserve, reshape=reshape)
     maps = []
     for n in names:
         m = masks[n]

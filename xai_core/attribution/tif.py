@@ -9,6 +9,7 @@ layer ("integrated_gradients", "smoothgrad"): never one pass per neuron or per l
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,7 @@ from torch import nn
 
 from xai_core._tensor import check_images, check_unit_interval, norm01
 from xai_core._tensor import upsample as upsample_to
-from xai_core.attribution._hooks import LayerMaps, capture, layer_maps, resolve_layers
+from xai_core.attribution._hooks import LayerMaps, ReshapeArg, capture, layer_maps, resolve_layers
 from xai_core.attribution.cam import cam_maps, gradcam_weights
 from xai_core.attribution.gradients import noisy_inputs, run_steps
 from xai_core.attribution.registry import Method, register
@@ -34,7 +35,8 @@ def neuron_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, l
                 base: str = "input_x_gradient", *, n_steps: int = 16, n_samples: int = 16,
                 sigma: float = 0.15, baseline: torch.Tensor | float = 0.0,
                 generator: torch.Generator | None = None, internal_batch_size: int | None = None,
-                create_graph: bool = False) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                create_graph: bool = False, reshape: ReshapeArg = None
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer: (P [B,K,h,w] per-neuron maps of ``base``, g [B,K] mean_hw of the gradient G).
 
     g is mean_hw of G for one-pass bases, of the step-mean of G for IG and of the sample-mean for
@@ -44,7 +46,7 @@ def neuron_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, l
     names = resolve_layers(model, layers)
     batch = x.shape[0]
     if base in ("gradient", "input_x_gradient"):  # one forward + one backward for every layer
-        lm = layer_maps(model, x, target, names, create_graph=create_graph)
+        lm = layer_maps(model, x, target, names, create_graph=create_graph, reshape=reshape)
         out = {}
         for n in names:
             g = lm.gradients[n]
@@ -59,7 +61,7 @@ def neuron_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, l
                 res["g/" + n] = g.mean(dim=(2, 3)).view(count, batch, -1)
             return res
         tot = run_steps(model, noisy_inputs(x, sigma, generator), n_samples, target, reduce_sg,
-                        layers=names, create_graph=create_graph,
+                        layers=names, create_graph=create_graph, reshape=reshape,
                         internal_batch_size=internal_batch_size, batch=batch, step_input=x)
         return {n: (tot["P/" + n] / n_samples, tot["g/" + n] / n_samples) for n in names}
     # integrated_gradients: layer IG with the input interpolation steps shared by all layers:
@@ -76,9 +78,9 @@ def neuron_maps(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, l
         return {n: lm.gradients[n].view(count, batch, *lm.gradients[n].shape[1:]) for n in names}
 
     tot = run_steps(model, make, n_steps, target, reduce_ig, layers=names, create_graph=create_graph,
-                    internal_batch_size=internal_batch_size, batch=batch, step_input=x)
+                    internal_batch_size=internal_batch_size, batch=batch, step_input=x, reshape=reshape)
     # One forward of [x; x0] for the end-point activations of every layer.
-    with torch.set_grad_enabled(create_graph), capture(model, names) as acts:
+    with torch.set_grad_enabled(create_graph), capture(model, names, reshape) as acts:
         model(torch.cat([x, x0.to(x.dtype)]))
     out = {}
     for n in names:
@@ -113,7 +115,7 @@ def tif(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers
         normalize: bool = True, upsample: bool = True, create_graph: bool = False, n_steps: int = 16,
         n_samples: int = 16, sigma: float = 0.15, baseline: torch.Tensor | float = 0.0,
         generator: torch.Generator | None = None,
-        internal_batch_size: int | None = None) -> torch.Tensor:
+        internal_batch_size: int | None = None, reshape: ReshapeArg = None) -> torch.Tensor:
     """TIF heatmaps [B,H,W] (or [B,h,w] for one layer with upsample=False). # METHODS §2
 
     T_l = sum_k w_lk R_lk, upsampled bilinearly to H,W, norm01'd if ``normalize``; TIF = sum_l T_l.
@@ -128,7 +130,7 @@ def tif(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *, layers
                          f"different sizes), got layers={names}")
     maps = neuron_maps(model, x, target, names, base, n_steps=n_steps, n_samples=n_samples, sigma=sigma,
                        baseline=baseline, generator=generator, internal_batch_size=internal_batch_size,
-                       create_graph=create_graph)
+                       create_graph=create_graph, reshape=reshape)
     size = (x.shape[-2], x.shape[-1])
     total = None
     for n in names:
@@ -151,14 +153,20 @@ def threshold_maps(maps: torch.Tensor, alpha: float) -> torch.Tensor:
 
 def gradcam_thresholded(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, *,
                         layers: Sequence[str] | str, alpha: float = 0.25, normalize: bool = True,
-                        upsample: bool = True, create_graph: bool = False) -> torch.Tensor:
+                        upsample: bool = True, create_graph: bool = False,
+                        reshape: ReshapeArg = None) -> torch.Tensor:
     """Grad-CAM (as explain(method="gradcam")) thresholded by TIF's rule, the control of METHODS §2."""
     check_unit_interval(alpha, "alpha")
     names = resolve_layers(model, layers)
     cam = cam_maps(model, x, target, names, gradcam_weights, upsample_maps=upsample, normalize=normalize,
-                   create_graph=create_graph)
+                   create_graph=create_graph, reshape=reshape)
     return threshold_maps(cam, alpha)
 
 
-register("tif", Method(tif, "layered", default_layers="all"))
-register("gradcam_thresholded", Method(gradcam_thresholded, "layered", default_layers="cam"))
+def _one_pass(options: dict) -> bool:
+    """Whether TIF with these options runs one forward and one backward (it then takes Pairs targets)."""
+    return options.get("base", inspect.signature(tif).parameters["base"].default) in BASES[:2]
+
+
+register("tif", Method(tif, "layered", default_layers="all", pairs=_one_pass))
+register("gradcam_thresholded", Method(gradcam_thresholded, "layered", default_layers="cam", pairs=lambda _o: True))
