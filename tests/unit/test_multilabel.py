@@ -132,3 +132,45 @@ def test_metrics_take_per_pair_maps_and_class_masks():
     pairs = Pairs(torch.tensor([0, 0, 1]), torch.tensor([1, 2, 0]), torch.tensor([0, 1, 0]), 2)
     hits = pointing_game(maps, pairs.class_masks(masks))
     assert hits.tolist() == [1.0, 1.0, 0.0]
+
+
+def test_mean_average_precision_equals_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    from xai_core.metrics import average_precision_per_class, mean_average_precision
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.rand(40, 5, generator=g) < 0.4
+    labels[:, 4] = False  # a class no image holds: no AP, left out of the mean
+    scores = torch.randn(40, 5, generator=g).round(decimals=1)  # ties
+    scores[labels] += 0.8
+    ap = average_precision_per_class(scores, labels)
+    for k in range(4):
+        assert ap[k].item() == pytest.approx(average_precision_score(labels[:, k].numpy(), scores[:, k].numpy()))
+    assert torch.isnan(ap[4])
+    assert mean_average_precision(scores, labels) == pytest.approx(
+        average_precision_score(labels[:, :4].numpy(), scores[:, :4].numpy(), average="macro"))
+    # by hand: scores 0.9 (pos), 0.8 (neg), 0.7 (pos) -> AP = (1/1 + 2/3) / 2
+    one = average_precision_per_class(torch.tensor([[0.9], [0.8], [0.7]]), torch.tensor([[1], [0], [1]]))
+    assert one.item() == pytest.approx((1 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="multi-hot"):
+        average_precision_per_class(scores, labels.long() * 2)
+
+
+def test_multilabel_split_has_one_to_three_objects_each_with_its_own_mask():
+    from xai_core.data.synthetic import BiasedShapes
+
+    ds = BiasedShapes(n=300, seed=0, size=32, split="multilabel")
+    counts = ds.label_sets.sum(1)
+    assert set(counts.tolist()) == {1, 2, 3}
+    # a class is in an image's label set exactly when its mask has pixels; masks never overlap (quadrants)
+    assert torch.equal(ds.class_masks.flatten(2).any(2), ds.label_sets)
+    assert int(ds.class_masks.sum(1).max()) == 1
+    assert torch.equal(ds.masks, ds.class_masks.any(1))
+    assert bool(ds.label_sets[torch.arange(300), ds.labels].all())  # labels: the first object's class
+    item = ds[5]
+    assert torch.equal(item["labels"], ds.label_sets[5]) and item["class_masks"].shape == (6, 32, 32)
+    again = BiasedShapes(n=300, seed=0, size=32, split="multilabel")
+    assert torch.equal(again.images, ds.images) and torch.equal(again.class_masks, ds.class_masks)
+    with pytest.raises(ValueError, match=r"need 0 < low <= high <= 0.5 for split 'multilabel'"):
+        BiasedShapes(n=4, split="multilabel", obj_scale=(0.3, 0.6))

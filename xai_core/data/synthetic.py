@@ -24,7 +24,8 @@ from xai_core._tensor import seeded_generator
 
 SHAPES = ("circle", "square", "triangle", "cross", "star", "ring")
 TEXTURES = ("stripes", "checks", "dots", "waves", "noise", "gradient")
-SPLITS = ("train", "test", "dwsol")
+SPLITS = ("train", "test", "dwsol", "multilabel")
+MAX_OBJECTS = 3  # multilabel split: 1-3 objects of distinct classes, each in its own quadrant
 TRAIN_BIAS = 0.9  # METHODS §7: train default; test and dwsol default to 1/K (balanced)
 MIN_COLOUR_DIST = 0.35  # mean |object - background base| over the channels (shape learnability)
 _CHUNK = 1024  # images rendered at once (bounds memory); the noise texture stream depends on it: keep fixed
@@ -56,7 +57,7 @@ class BiasedShapes(torch.utils.data.Dataset):
         _check(0.0 <= float(bias) <= 1.0, f"bias={bias!r} is out of range: allowed values are in [0, 1]")
         _check(0.0 < float(contrast) <= 1.0, f"contrast={contrast!r} is out of range: allowed is (0, 1]")
         lo, hi = (float(v) for v in obj_scale)
-        max_hi = 0.5 if split == "dwsol" else 1.0  # dwsol: each object must fit in half the image
+        max_hi = 0.5 if split in ("dwsol", "multilabel") else 1.0  # each object must fit in its half/quadrant
         _check(0.0 < lo <= hi <= max_hi,
                f"obj_scale={tuple(obj_scale)!r} is invalid: need 0 < low <= high <= {max_hi} "
                f"for split {split!r}")
@@ -77,6 +78,8 @@ class BiasedShapes(torch.utils.data.Dataset):
         c = self.contrast
         base = min(c, 0.5) + torch.rand(n, 3, generator=g) * max(1 - 2 * c, 0.0)
         tex_params = torch.rand(n, 4, generator=g)
+        if self.split == "multilabel":
+            return self._generate_multilabel(g, labels, backgrounds, base, tex_params)
         region = None
         if self.split == "dwsol":
             labels2 = (labels + torch.randint(1, k, (n,), generator=g)) % k
@@ -103,9 +106,48 @@ class BiasedShapes(torch.utils.data.Dataset):
         if masks2 is not None:
             self.labels2, self.masks2 = labels2, masks2
 
+    def _generate_multilabel(self, g: torch.Generator, first: torch.Tensor, backgrounds: torch.Tensor,
+                             base: torch.Tensor, tex_params: torch.Tensor) -> None:
+        """1..MAX_OBJECTS objects of distinct classes per image (the first one's class is ``labels``, whose
+        bias ties the background to it), each in its own quadrant: ``label_sets`` [N,K] multi-hot and
+        ``class_masks`` [N,K,S,S]; ``masks`` is their union, ``groups`` compares the background with the
+        first class."""
+        n, s, k, c = self.n, self.size, self.num_classes, self.contrast
+        count = torch.randint(1, MAX_OBJECTS + 1, (n,), generator=g)
+        others = torch.argsort(torch.rand(n, k, generator=g), dim=1)  # a random order of the classes
+        others = others[others != first[:, None]].view(n, k - 1)  # ... without the first class
+        classes = torch.cat([first[:, None], others], 1)[:, :MAX_OBJECTS]
+        quadrant = torch.argsort(torch.rand(n, 4, generator=g), dim=1)[:, :MAX_OBJECTS]
+        objs = [self._object_params(classes[:, j], base, g, None, quadrant[:, j]) for j in range(MAX_OBJECTS)]
+        images = torch.empty(n, 3, s, s, dtype=torch.uint8)
+        class_masks = torch.zeros(n, k, s, s, dtype=torch.bool)
+        for start in range(0, n, _CHUNK):
+            sl = slice(start, min(start + _CHUNK, n))
+            img = _textures(backgrounds[sl], tex_params[sl], s, g) * c + base[sl, :, None, None]
+            for j, obj in enumerate(objs):
+                idx = (count[sl] > j).nonzero().squeeze(1)
+                if idx.numel() == 0:
+                    continue
+                rows = idx + start
+                sub = img[idx]
+                m = _draw(sub, classes[rows, j], {key: v[rows] for key, v in obj.items()}, s)
+                img[idx] = sub
+                class_masks[rows, classes[rows, j]] = m
+            images[sl] = (img.clamp(0, 1) * 255).round().to(torch.uint8)
+        label_sets = torch.zeros(n, k, dtype=torch.bool)
+        for j in range(MAX_OBJECTS):
+            rows = (count > j).nonzero().squeeze(1)
+            label_sets[rows, classes[rows, j]] = True
+        self.images, self.labels, self.masks = images, first, class_masks.any(1)
+        self.backgrounds, self.groups = backgrounds, (backgrounds != first).long()
+        self.boxes = _boxes(self.masks)
+        self.label_sets, self.class_masks = label_sets, class_masks
+
     def _object_params(self, labels: torch.Tensor, base: torch.Tensor, g: torch.Generator,
-                       region: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        """Random scale, rotation, centre (object fully inside image / its half) and contrasting colour."""
+                       region: torch.Tensor | None, quadrant: torch.Tensor | None = None
+                       ) -> dict[str, torch.Tensor]:
+        """Random scale, rotation, centre (object fully inside the image, its half ``region`` or its
+        ``quadrant``: 0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) and contrasting colour."""
         n, s = labels.shape[0], float(self.size)
         lo, hi = self.obj_scale
         radius = (lo + (hi - lo) * torch.rand(n, generator=g)) * s / 2
@@ -117,6 +159,9 @@ class BiasedShapes(torch.utils.data.Dataset):
             half = (region % 2) * s / 2 + radius + u[:, 0] * (s / 2 - 2 * radius)
             horiz = region < 2
             cx, cy = torch.where(horiz, half, cy), torch.where(horiz, cy, half)
+        if quadrant is not None:  # x in [0,S/2] or [S/2,S] by quadrant % 2, y by quadrant // 2
+            cx = (quadrant % 2) * s / 2 + radius + u[:, 0] * (s / 2 - 2 * radius)
+            cy = (quadrant // 2) * s / 2 + radius + u[:, 1] * (s / 2 - 2 * radius)
         colour = torch.rand(n, 3, generator=g)
         for _ in range(100):  # redraw colours too close to the background; stream stays deterministic
             bad = (colour - base).abs().mean(1) < MIN_COLOUR_DIST
@@ -144,6 +189,8 @@ class BiasedShapes(torch.utils.data.Dataset):
         }
         if self.split == "dwsol":
             item["label2"], item["mask2"] = int(self.labels2[i]), self.masks2[i]
+        if self.split == "multilabel":
+            item["labels"], item["class_masks"] = self.label_sets[i], self.class_masks[i]
         return item
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -153,6 +200,8 @@ class BiasedShapes(torch.utils.data.Dataset):
                "group": self.groups.numpy()}
         if self.split == "dwsol":
             out["label2"], out["mask2"] = self.labels2.numpy(), self.masks2.numpy()
+        if self.split == "multilabel":
+            out["labels"], out["class_masks"] = self.label_sets.numpy(), self.class_masks.numpy()
         return out
 
 

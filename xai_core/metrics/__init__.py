@@ -13,6 +13,7 @@ from xai_core.metrics.localisation import (
     wsol_top1_loc,
     wsss_miou,
 )
+from xai_core.metrics.multilabel import average_precision_per_class, mean_average_precision
 from xai_core.metrics.sanity import model_randomisation, spearman
 from xai_core.metrics.wsol import best_threshold, dataset_pxap, iou_at, pxap
 
@@ -20,6 +21,7 @@ __all__ = [
     "Curve",
     "adversarial_examples",
     "auroc",
+    "average_precision_per_class",
     "best_threshold",
     "dataset_pxap",
     "deletion_auc",
@@ -32,6 +34,7 @@ __all__ = [
     "insertion_auc",
     "iou_at",
     "localisation_iou",
+    "mean_average_precision",
     "model_randomisation",
     "perturbation_curve_set",
     "pointing_game",
