@@ -38,6 +38,9 @@ class DataConfig(_Section):
     n_val: int = Field(256, ge=4)
     n_test: int = Field(512, ge=4)
     n_dwsol: int = Field(128, ge=0)
+    # multi-label BiasedShapes: train/val/test images hold 1-3 objects of distinct classes, each with its mask
+    # (train.loss bce; evaluate explains every (image, class) pair and reports mAP and per-class pointing game)
+    multilabel: bool = False
     size: int = Field(64, ge=16, le=1024)
     num_classes: int = Field(6, ge=2, le=6)
     bias: float = Field(0.9, ge=0.0, le=1.0)
@@ -80,6 +83,7 @@ class ModelConfig(_Section):
 
 class TrainConfig(_Section):
     modes: list[Literal["erm", "consistency", "scaat"]] = ["erm", "consistency", "scaat"]
+    loss: Literal["ce", "bce"] = "ce"  # bce: one sigmoid per class, for multi-label data (data.multilabel)
     seeds: list[int] = [0]
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(128, ge=1)
@@ -258,6 +262,15 @@ class Config(_Section):
                 raise ValueError(f"consistency.rounds={c.rounds} x consistency.round_epochs={c.round_epochs}"
                                  f" leaves no ERM warm-up within train.epochs={self.train.epochs}: need "
                                  "(rounds - 1) * round_epochs < train.epochs")
+        if self.data.multilabel or self.train.loss == "bce":
+            if not (self.data.multilabel and self.train.loss == "bce" and self.data.source == "biased_shapes"):
+                raise ValueError("multi-label training needs data.multilabel=true, data.source=biased_shapes and "
+                                 f"train.loss=bce together (got multilabel={self.data.multilabel}, source="
+                                 f"{self.data.source!r}, loss={self.train.loss!r})")
+            if self.train.modes != ["erm"]:
+                raise ValueError(f"train.modes={self.train.modes}: with multi-label data only 'erm' trains "
+                                 "(consistency reweighting and SCAAT attack one class per image); set "
+                                 "train.modes=[erm]")
         patch = re.fullmatch(r"vit_[a-z]+_(\d+)", self.model.arch)
         if patch and self.data.size % int(patch[1]):
             raise ValueError(f"model.arch={self.model.arch!r} has patch size {patch[1]}: data.size="

@@ -17,6 +17,7 @@ from pipelines import ingest
 from pipelines import storage as st
 from pipelines.common import pool_map
 from xai_core._tensor import seeded_generator
+from xai_core.targets import PairMaps, label_pairs
 
 log = logging.getLogger("xai.evaluate")
 STAGE = "evaluate"
@@ -102,8 +103,10 @@ def explain_fn(cfg: Any, method: str, alphas: dict[str, float], seed: int = 0, r
     alpha = alpha_of(alphas, method)
 
     def fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Maps [B,H,W]; for a multi-hot target [B,K], one per (image, class) pair (xai_core.targets order)."""
         opts = method_options(cfg, method, alpha, seed, model=model, raw=raw, tuned=alphas)
-        return explain(model, x, target, method=base_method(method), **opts).detach()
+        res = explain(model, x, target, method=base_method(method), **opts)
+        return (res.maps if isinstance(res, PairMaps) else res).detach()
     return fn
 
 
@@ -161,6 +164,19 @@ class EvalActor:
         """The copy of model ``key`` that ``method`` runs on (INPUT_GRADIENT methods: the inference copy)."""
         return self.fast[key] if base_method(method) in INPUT_GRADIENT else self.models[key]
 
+    def _accuracy(self, model: torch.nn.Module, x: torch.Tensor, t: dict[str, torch.Tensor]) -> dict:
+        """Clean correctness ([B], top-1 among the labels on multi-label data) and, on multi-label data, the
+        logits and label sets (score_k, label_k columns: the report's mAP)."""
+        from pipelines.train import top1_correct
+
+        with torch.no_grad():
+            logits = model(x)
+        cols = {"correct": top1_correct(logits.argmax(1), t).float()}
+        if "labels" in t:
+            cols.update({f"score_{k}": logits[:, k] for k in range(logits.shape[1])})
+            cols.update({f"label_{k}": t["labels"][:, k].float() for k in range(logits.shape[1])})
+        return cols
+
     def _rows(self, batch: dict, key: str, method: str, cols: dict[str, torch.Tensor]) -> dict:
         n = len(batch["idx"])
         mode, seed = key.rsplit("_s", 1)
@@ -194,10 +210,8 @@ class EvalActor:
             xr, yr = r["image"], r["label"].long()
             nan = torch.full((len(yr),), float("nan"))
             for key, model in self.models.items():
-                with torch.no_grad():
-                    cols = {"correct": (model(xr).argmax(1) == yr).float(),
-                            **{f"robust_acc_{round(eps * 255)}": nan for eps in e.pgd_eps},
-                            **{c: nan for c in METRIC_COLUMNS}}
+                cols = {**self._accuracy(model, xr, r), **{f"robust_acc_{round(eps * 255)}": nan for eps in e.pgd_eps},
+                        **{c: nan for c in METRIC_COLUMNS}}
                 rows = self._rows(rest, key, "none", cols)
                 for c in ("deletion_curve", "insertion_curve"):  # every block has the same columns
                     rows[c] = np.full((len(yr), e.deletion_steps + 1), np.nan, np.float32)
@@ -208,32 +222,39 @@ class EvalActor:
         t = to_tensors(batch, self.device)
         x, y, mask = t["image"], t["label"].long(), t["mask"].bool()
         first = int(batch["idx"][0])
+        # multi-label data: every method explains each (image, class) pair, against that class's own mask;
+        # the pair rows carry the class explained as "label" (xai_core.targets.label_pairs order)
+        pairs = label_pairs(t["labels"], len(y)) if "labels" in t else None
+        xp, yp = (x, y) if pairs is None else (pairs.rows(x), pairs.target.to(self.device))
+        maskp = mask if pairs is None else pairs.class_masks(t["class_masks"].bool())
+        pair_batch = batch if pairs is None else {**{k: v[pairs.image.numpy()] for k, v in batch.items()},
+                                                  "label": pairs.target.numpy()}
+        target = y if pairs is None else t["labels"]
         for key, model in self.models.items():
-            with torch.no_grad():
-                correct = (model(x).argmax(1) == y).float()
-            acc_cols = {"correct": correct}
-            for eps in e.pgd_eps:
+            acc_cols = self._accuracy(model, x, t)
+            for eps in e.pgd_eps:  # multi-label data: the attack is on the first object's class
                 xa = pgd(self.fast[key], x, y, eps=eps, step_size=eps / 4, steps=e.pgd_steps,
                          generator=draw_generator(first, key, f"pgd_{round(eps * 255)}"))
-                with torch.no_grad():
-                    acc_cols[f"robust_acc_{round(eps * 255)}"] = (model(xa).argmax(1) == y).float()
+                acc_cols[f"robust_acc_{round(eps * 255)}"] = self._accuracy(model, xa, t)["correct"]
             out.append(self._rows(batch, key, "none", acc_cols))
-            maps = {m: explain_fn(self.cfg, m, self.alphas)(self._for(key, m), x, y) for m in e.methods}
+            correct = acc_cols["correct"] if pairs is None else acc_cols["correct"][pairs.image.to(self.device)]
+            maps = {m: explain_fn(self.cfg, m, self.alphas)(self._for(key, m), x, target) for m in e.methods}
             # every curve of the model in one set: the points all curves share (x, its blurred copy) run once,
             # and the random-order deletion curve does not depend on the map, so one serves every method
             series: dict = {(m, mode): Curve(mode, maps[m]) for m in e.methods for mode in ("deletion", "insertion")}
             if e.methods:
                 series["random"] = Curve("deletion", order="random",
                                          generator=draw_generator(first, key, "deletion_random"))
-            curves, frac = perturbation_curve_set(self.fast[key], x, y, series, n_steps=e.deletion_steps)
+            curves, frac = perturbation_curve_set(self.fast[key], xp, yp, series, n_steps=e.deletion_steps)
             auc = {k: torch.trapezoid(c, frac, dim=1) for k, c in curves.items()}
             for method in e.methods:
                 m = maps[method]
-                cols = {"pointing_game": pointing_game(m, mask), "energy_pointing_game": energy_pointing_game(m, mask),
-                        "pxap": pxap(m, mask), "iou": localisation_iou(m, mask), "gini": gini(m),
+                cols = {"pointing_game": pointing_game(m, maskp),
+                        "energy_pointing_game": energy_pointing_game(m, maskp),
+                        "pxap": pxap(m, maskp), "iou": localisation_iou(m, maskp), "gini": gini(m),
                         "deletion_auc": auc[(method, "deletion")], "insertion_auc": auc[(method, "insertion")],
-                        "deletion_auc_random": auc["random"], "wsss_miou": wsss_miou(m, mask), "correct": correct}
-                rows = self._rows(batch, key, method, cols)
+                        "deletion_auc_random": auc["random"], "wsss_miou": wsss_miou(m, maskp), "correct": correct}
+                rows = self._rows(pair_batch, key, method, cols)
                 rows["deletion_curve"] = curves[(method, "deletion")].float().cpu().numpy()
                 rows["insertion_curve"] = curves[(method, "insertion")].float().cpu().numpy()
                 out.append(rows)
@@ -295,8 +316,11 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     n_test_rows = ingest_manifest["rows"]["test"]
     n_attr = min(e.n_test, n_test_rows)
     n_acc = n_test_rows if e.n_accuracy == 0 else min(max(e.n_accuracy, n_attr), n_test_rows)
-    attribute = [int(i) for i in ingest.read_split_numpy(store, ingest_manifest, "test", limit=n_attr,
-                                                         columns=["idx"])["idx"]]
+    head = ingest.read_split_numpy(store, ingest_manifest, "test", limit=n_attr,
+                                   columns=["idx"] + (["labels"] if cfg.data.multilabel else []))
+    attribute = [int(i) for i in head["idx"]]
+    # method rows per attribution image: one, or (multi-label data) one per class the image holds
+    per_image = dict(zip(attribute, head["labels"].sum(1).tolist() if cfg.data.multilabel else [1] * n_attr))
     splits = [("test", n_acc, n_attr)] + ([("dwsol", min(e.n_dwsol, ingest_manifest["rows"]["dwsol"]), None)]
                                           if e.n_dwsol and "dwsol" in ingest_manifest["files"] else [])
     size = -(-e.shard_images // e.batch_size) * e.batch_size  # whole batches: the same batches as unsharded
@@ -307,7 +331,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
             hi = min(lo + size, n)
             shard = f"{STAGE}/{split}/{lo:06d}"
             if split == "test":  # accuracy rows for every image, method rows for the attribution subset
-                expected = len(evaluated) * ((hi - lo) + max(0, min(hi, n_methods) - lo) * len(e.methods))
+                method_rows = sum(per_image.get(i, 0) for i in range(lo, min(hi, n_methods)))
+                expected = len(evaluated) * ((hi - lo) + method_rows * len(e.methods))
             else:
                 expected = (hi - lo) * len(evaluated) * len(e.methods)
             if (done := st.committed(store, shard, h)) is not None:

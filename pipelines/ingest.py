@@ -34,10 +34,11 @@ def _synthetic_splits(cfg: Any) -> dict[str, dict[str, np.ndarray]]:
     kw: dict[str, Any] = {"size": d.size, "num_classes": d.num_classes}
     if d.contrast is not None:
         kw["contrast"] = d.contrast
+    ml = d.multilabel  # every split multi-label; train keeps its bias (background = the first object's class)
     splits = {
-        "train": BiasedShapes(n=d.n_train, seed=d.seed, split="train", bias=d.bias, **kw),
-        "val": BiasedShapes(n=d.n_val, seed=d.seed + 1, split="test", **kw),
-        "test": BiasedShapes(n=d.n_test, seed=d.seed, split="test", **kw),
+        "train": BiasedShapes(n=d.n_train, seed=d.seed, split="multilabel" if ml else "train", bias=d.bias, **kw),
+        "val": BiasedShapes(n=d.n_val, seed=d.seed + 1, split="multilabel" if ml else "test", **kw),
+        "test": BiasedShapes(n=d.n_test, seed=d.seed + 2 * ml, split="multilabel" if ml else "test", **kw),
     }
     if d.n_dwsol:
         splits["dwsol"] = BiasedShapes(n=d.n_dwsol, seed=d.seed, split="dwsol", **kw)

@@ -238,6 +238,12 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
               checkpoint_table(cfg, train_manifest),
               "Accuracy, worst group and PGD robustness": accuracy_table(test),
               "Attribution metrics on the test split (mean per model and method)": metric_table(test, TEST_METRICS)}
+    from pipelines.results import multilabel_table
+
+    ml = multilabel_table(test)
+    if ml is not None:
+        tables["Multi-label: mAP and top-1 accuracy (attribution rows above are per (image, class) pair, "
+               "against that class's mask: a per-class pointing game)"] = ml
     if "dwsol" in eval_manifest["files"]:
         tables["D-WSOL (METHODS §3a)"] = metric_table(evaluate.read_frame(store, eval_manifest, "dwsol"),
                                                       DWSOL_METRICS)

@@ -102,6 +102,28 @@ def paired(df: Any, metric: str, a: dict, b: dict, higher_is_better: bool = True
     return stats.paired_difference(va, vb, n_resamples=BOOTSTRAP_RESAMPLES, seed=seed, **kw)
 
 
+def multilabel_table(df: Any) -> Any | None:
+    """Multi-label data (score_k/label_k columns): per model, mAP of the logits over the test images and the
+    top-1 accuracy (the top class is one of the image's labels); None for single-label runs."""
+    import pandas as pd
+    import torch
+
+    from xai_core.metrics import average_precision_per_class
+
+    acc = df[df.method == "none"]
+    scores = sorted((c for c in acc.columns if c.startswith("score_")), key=lambda c: int(c.split("_")[1]))
+    if not scores:
+        return None
+    rows = []
+    for model, g in acc.groupby("model"):
+        s = torch.from_numpy(g[scores].to_numpy(np.float64))
+        y = torch.from_numpy(g[[c.replace("score_", "label_") for c in scores]].to_numpy() > 0.5)
+        ap = average_precision_per_class(s, y)
+        rows.append({"model": model, "mAP": float(ap.nanmean()), "top1_acc": g.correct.mean(), "images": len(g),
+                     **{f"AP_class{k}": float(v) for k, v in enumerate(ap)}})
+    return pd.DataFrame(rows).set_index("model")
+
+
 def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, sweep: dict | None,
                      command: str, rounds: list[dict] | None = None) -> str:
     """The whole RESULTS.md text."""
@@ -206,6 +228,22 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
         out += ["Adversarial detection AUROC (§3b) and model-randomisation Spearman (§6: correlation of the map "
                 "with the map after re-initialising the named layer and those above it; lower = the map depends "
                 "more on the weights):", "", _table(["quantity", *models], rows), ""]
+    ml = multilabel_table(test)
+    if ml is not None:
+        rows = test[test.method != "none"]
+        pg = rows.groupby([np.where(rows["mode"] == "random", "random", "trained"), "method"])[
+            ["pointing_game", "pxap"]].mean().unstack(0)
+        out += ["## Multi-label data: mAP and the per-class pointing game", "",
+                "mAP: mean over classes of the average precision of each class's logit over the test images; "
+                "top-1: the top class is one of the image's labels. Attribution rows are per (image, class) "
+                "pair, each against that class's own mask (a hit when the map's maximum falls on it).", "",
+                _table(["model", "mAP", "top-1 accuracy", "images"],
+                       [[m, f"{r['mAP']:.3f}", f"{r['top1_acc']:.3f}", f"{int(r['images'])}"]
+                        for m, r in ml.iterrows()]), "",
+                _table(["method", "per-class pointing game", "PxAP", "pointing game, re-initialised model",
+                        "PxAP, re-initialised model"],
+                       [[m] + [f"{r.get((c, w), float('nan')):.3f}" for w in ("trained", "random")
+                               for c in ("pointing_game", "pxap")] for m, r in pg.iterrows()]), ""]
     out += ["## The claims, one line each", ""]
     out += _claim_lines(test, dwsol, summary)
     c, sc = cfg.consistency, cfg.scaat

@@ -43,6 +43,11 @@ def config_hash(cfg: Any) -> str:
     return cfg.section_hash("data", "model", "train", "consistency", "scaat")
 
 
+def label_sets(cfg: Any) -> list[str]:
+    """The multi-hot column the training and validation rows also need on multi-label data."""
+    return ["labels"] if cfg.data.multilabel else []
+
+
 def warmup_epochs(cfg: Any) -> int:
     """Epochs of plain training before consistency round 1 (round 0 = the ERM model at this epoch)."""
     return cfg.train.epochs - (cfg.consistency.rounds - 1) * cfg.consistency.round_epochs
@@ -62,30 +67,46 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str
                          steps=s.steps, lam=s.lam, generator=generator)
         return res.loss, res.logits, {"kl": float(res.kl), "eps_mean": float(res.eps_i.mean())}
     logits = model(x)
+    if cfg.train.loss == "bce":  # multi-label: one sigmoid per class against the image's label set
+        return F.binary_cross_entropy_with_logits(logits, batch["labels"].float()), logits, {}
     w = batch.get("w") if mode == "consistency" else None
     if w is None:
         return F.cross_entropy(logits, y), logits, {}
     return weighted_cross_entropy(logits, y, w.float()), logits, {"w_mean": float(w.mean())}
 
 
+def top1_correct(pred: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Whether each predicted class is right: the label, or (multi-label data) one of the image's labels."""
+    if "labels" in batch:
+        return batch["labels"].bool().gather(1, pred.long()[:, None]).squeeze(1)
+    return pred == batch["label"]
+
+
 def val_metrics(model: torch.nn.Module, val: dict[str, torch.Tensor], min_group: int, num_backgrounds: int,
                 batch_size: int) -> dict[str, float]:
     """Validation accuracy and worst-group accuracy of ``model`` (forwards only, eval mode, no gradients: the
     training trajectory is untouched). Groups are (class, background) pairs, or classes where the data
-    have no backgrounds (-1); the worst is over groups of >= ``min_group`` images (NaN if none has)."""
+    have no backgrounds (-1); the worst is over groups of >= ``min_group`` images (NaN if none has).
+    Multi-label data: accuracy is the top-1 class being one of the image's labels, groups are keyed by the
+    first object's class, and ``val_map`` (mAP of the logits) is added."""
     from xai_core.metrics.groups import group_accuracy, group_ids
 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(val["image"][i:i + batch_size]).argmax(1)
-                          for i in range(0, len(val["label"]), batch_size)])
+        logits = torch.cat([model(val["image"][i:i + batch_size]) for i in range(0, len(val["label"]), batch_size)])
     model.train(was_training)
-    correct = (pred == val["label"]).cpu()
+    pred = logits.argmax(1)
+    correct = top1_correct(pred, val).cpu()
     labels, bgs = val["label"].cpu().long(), val["background"].cpu().long()
     groups = labels if bool((bgs < 0).any()) else group_ids(labels, bgs, num_backgrounds)
     acc = group_accuracy(correct, groups, min_size=min_group)
-    return {"val_acc": acc["mean"], "val_worst_group_acc": acc["worst"]}
+    out = {"val_acc": acc["mean"], "val_worst_group_acc": acc["worst"]}
+    if "labels" in val:
+        from xai_core.metrics import mean_average_precision
+
+        out["val_map"] = mean_average_precision(logits.cpu(), val["labels"].cpu())
+    return out
 
 
 def train_loop(lc: dict) -> None:
@@ -141,7 +162,7 @@ def train_loop(lc: dict) -> None:
     val = None
     if rank == 0 and lc.get("val"):
         cols = ingest.read_split_numpy(st.Storage(*lc["storage"]), lc["val"], "val",
-                                       columns=["image", "label", "background"])
+                                       columns=["image", "label", "background"] + label_sets(cfg))
         val = to_tensors(cols, device)
     gen = torch.Generator(device=device)
     cache = ShardCache(shard_limit(cfg))
@@ -173,7 +194,7 @@ def train_loop(lc: dict) -> None:
             scaler.update()
             n = len(batch["label"])
             tot += n
-            correct += int((logits.argmax(1) == batch["label"]).sum())
+            correct += int(top1_correct(logits.argmax(1), batch).sum())
             loss_sum += float(loss.detach()) * n
             for k, v in extra.items():
                 extra_sum[k] = extra_sum.get(k, 0.0) + v * n
@@ -341,7 +362,7 @@ def _model_done(store: st.Storage, key: str, h: str) -> bool:
     return st.committed(store, f"{STAGE}/{key}", h) is not None
 
 
-VAL_KEYS = ("val_acc", "val_worst_group_acc")
+VAL_KEYS = ("val_acc", "val_worst_group_acc", "val_map")
 
 
 def select_checkpoints(records: list[tuple[int, dict, bytes]]) -> dict[str, tuple[int, dict, bytes]]:
@@ -386,7 +407,8 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
         store.remove_dir(precompute.STAGE)
     elif store.exists(STAGE, st.MANIFEST):  # committed for another config: each model's own manifest
         store.fs.delete_file(store.path(STAGE, st.MANIFEST))  # decides whether it is trained again
-    train_ds = ingest.fit_input(store, ingest_manifest, "train", ["idx", "image", "label"], shard_limit(cfg))
+    train_ds = ingest.fit_input(store, ingest_manifest, "train", ["idx", "image", "label"] + label_sets(cfg),
+                                shard_limit(cfg))
     val = ingest.split_manifest(ingest_manifest, "val") if ingest_manifest["files"].get("val") else None
     models: dict[str, str] = {}
     checkpoints: dict[str, dict] = {}

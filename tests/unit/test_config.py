@@ -24,7 +24,7 @@ def test_overrides_are_parsed_as_yaml():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("train.epochz=3", r"train\.epochz: unknown key; allowed keys here: modes, seeds, epochs"),
+    ("train.epochz=3", r"train\.epochz: unknown key; allowed keys here: modes, loss, seeds, epochs"),
     ("bogus.x=1", r"bogus: unknown key"),
     ("train.epochs=abc", r"train\.epochs: .*integer.*'abc'"),
     ("train.epochs=0", r"train\.epochs: .*greater than or equal to 1"),
@@ -33,11 +33,21 @@ def test_overrides_are_parsed_as_yaml():
     ("evaluate.methods=[gradcam, nope]", r"unknown method\(s\) \['nope'\]"),
     ("train.modes=[consistency]", r"'erm' must be in train.modes"),
     ("model.arch=resnet_99", r"model\.arch: .*unknown architecture 'resnet_99'; allowed: small_resnet, vit_tiny, "),
+    ("data.multilabel=true", r"needs data.multilabel=true, data.source=biased_shapes and train.loss=bce together"),
+    ("train.loss=bce", r"got multilabel=False, source='biased_shapes', loss='bce'"),
     ("model.arch=vit_h_14", r"'vit_h_14' has patch size 14: data.size=32 must be a multiple of it"),
 ])
 def test_bad_values_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(ROOT / "configs/smoke.yaml", [override])
+
+
+def test_multilabel_trains_erm_only():
+    with pytest.raises(ConfigError, match=r"train.modes=\['erm', 'consistency', 'scaat'\]: with multi-label data only "
+                                          r"'erm' trains .*set train.modes=\[erm\]"):
+        load_config(ROOT / "configs/smoke.yaml", ["data.multilabel=true", "train.loss=bce"])
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["data.multilabel=true", "train.loss=bce", "train.modes=[erm]"])
+    assert cfg.data.multilabel and cfg.train.loss == "bce"
 
 
 def test_rounds_must_fit_in_epochs():

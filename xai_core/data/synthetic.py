@@ -110,8 +110,9 @@ class BiasedShapes(torch.utils.data.Dataset):
                              base: torch.Tensor, tex_params: torch.Tensor) -> None:
         """1..MAX_OBJECTS objects of distinct classes per image (the first one's class is ``labels``, whose
         bias ties the background to it), each in its own quadrant: ``label_sets`` [N,K] multi-hot and
-        ``class_masks`` [N,K,S,S]; ``masks`` is their union, ``groups`` compares the background with the
-        first class."""
+        ``class_masks`` [N,K,S,S]; ``masks``/``boxes`` are the first object's (so that a single-label
+        consumer gets a consistent (label, mask) pair), ``groups`` compares the background with the first
+        class."""
         n, s, k, c = self.n, self.size, self.num_classes, self.contrast
         count = torch.randint(1, MAX_OBJECTS + 1, (n,), generator=g)
         others = torch.argsort(torch.rand(n, k, generator=g), dim=1)  # a random order of the classes
@@ -138,7 +139,7 @@ class BiasedShapes(torch.utils.data.Dataset):
         for j in range(MAX_OBJECTS):
             rows = (count > j).nonzero().squeeze(1)
             label_sets[rows, classes[rows, j]] = True
-        self.images, self.labels, self.masks = images, first, class_masks.any(1)
+        self.images, self.labels, self.masks = images, first, class_masks[torch.arange(n), first]
         self.backgrounds, self.groups = backgrounds, (backgrounds != first).long()
         self.boxes = _boxes(self.masks)
         self.label_sets, self.class_masks = label_sets, class_masks
