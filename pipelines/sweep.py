@@ -150,8 +150,19 @@ def tuned_settings(result: dict) -> dict[str, float]:
     return out
 
 
+# evaluate keys no sweep trial reads (sizes of the test-split work, its sharding, figures, PGD, the dataset
+# checks): a change to them re-runs evaluate, not the sweep
+NOT_SWEPT = ("shard_images", "n_test", "n_accuracy", "n_dwsol", "random_baseline", "pgd_eps", "pgd_steps",
+             "detection_images", "randomisation_images", "figure_images", "checkpoint")
+
+
 def config_hash(cfg: Any) -> str:
-    return cfg.section_hash("data", "model", "train", "consistency", "scaat", "sweep", "evaluate")
+    from pipelines.config import digest
+
+    payload = {s: getattr(cfg, s).model_dump(mode="json") for s in ("data", "model", "train", "consistency",
+                                                                      "scaat", "sweep")}
+    payload["evaluate"] = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items() if k not in NOT_SWEPT}
+    return digest(payload)
 
 
 def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict, tracker: Any,

@@ -13,10 +13,9 @@ from tests.integration.test_pipeline import _evaluate_rows, _split
 pytestmark = pytest.mark.slow
 
 ML = ["--set", "data.multilabel=true", "--set", "train.loss=bce", "--set", "train.modes=[erm]",
-      "--set", "evaluate.methods=[gradcam, saliency, tif]", "--set", "evaluate.n_test=12",
+      "--set", "evaluate.methods=[gradcam, saliency]", "--set", "evaluate.n_test=12", "--set", "sweep.enabled=false",
       "--set", "evaluate.n_dwsol=4", "--set", "evaluate.random_baseline=false",
-      "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=2",
-      "--set", "sweep.alphas=[0.0, 0.5]"]
+      "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0"]
 
 
 def test_multilabel_run_explains_every_image_class_pair_and_reports_map(ray_session, tmp_path):

@@ -12,10 +12,12 @@ from tests.integration.test_pipeline import _evaluate_rows, _split
 
 pytestmark = pytest.mark.slow
 
-VIT = ["--set", "model.arch=vit_tiny", "--set", "evaluate.methods=[gradcam, layercam, tif, haf]",
-       "--set", "evaluate.n_test=8", "--set", "evaluate.n_dwsol=4", "--set", "evaluate.random_baseline=false",
-       "--set", "evaluate.detection_images=8", "--set", "evaluate.randomisation_images=2",
-       "--set", "sweep.haf_lrs=[0.5]", "--set", "sweep.alphas=[0.0, 0.5]"]
+# Every training mode on the ViT; the stages after it at their smallest (the sweep, HAF on token grids and the
+# dataset checks are covered by the unit tests and by the CNN smoke run): a whole run costs suite time.
+VIT = ["--set", "model.arch=vit_tiny", "--set", "evaluate.methods=[gradcam, layercam, tif]",
+       "--set", "sweep.enabled=false", "--set", "evaluate.n_test=8", "--set", "evaluate.n_dwsol=4",
+       "--set", "evaluate.random_baseline=false", "--set", "evaluate.detection_images=0",
+       "--set", "evaluate.randomisation_images=0"]
 
 
 def test_vit_tiny_runs_every_stage_and_its_rows_equal_xai_core(ray_session, tmp_path):
@@ -33,7 +35,7 @@ def test_vit_tiny_runs_every_stage_and_its_rows_equal_xai_core(ray_session, tmp_
              ("erm_s0", "consistency_s0", "scaat_s0")}
     assert {m["mode"] for m in train.values()} == {"erm", "consistency", "scaat"}
     df = _evaluate_rows(store)
-    assert set(df.method.unique()) >= {"none", "gradcam", "layercam", "tif", "haf"}
+    assert set(df.method.unique()) == {"none", "gradcam", "layercam", "tif"}
     assert set(df.model.unique()) == set(train)
     data = _split(store, "test")
     x = torch.from_numpy(data["image"][:4].astype(np.float32) / 255)

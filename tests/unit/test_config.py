@@ -80,3 +80,16 @@ def test_only_and_until_exclude_each_other(capsys):
     with pytest.raises(SystemExit) as e:
         parse_args(["--only", "sweep", "--until", "evaluate"])
     assert e.value.code == 2 and "--only and --until exclude each other" in capsys.readouterr().err
+
+
+def test_the_sweep_hash_ignores_evaluate_keys_no_trial_reads():
+    from pipelines import sweep
+
+    base = load_config(ROOT / "configs/smoke.yaml")
+    same = load_config(ROOT / "configs/smoke.yaml", ["evaluate.shard_images=7", "evaluate.n_test=9",
+                                                     "evaluate.figure_images=1", "evaluate.pgd_steps=1"])
+    assert sweep.config_hash(same) == sweep.config_hash(base)
+    for o in ("evaluate.deletion_steps=5", "evaluate.tif_base=gradient", "evaluate.methods=[gradcam, tif]",
+              "sweep.n_val=8", "train.epochs=3"):
+        assert sweep.config_hash(load_config(ROOT / "configs/smoke.yaml", [o])) != sweep.config_hash(base), o
+    assert set(sweep.NOT_SWEPT) <= set(base.evaluate.model_dump())  # no stale names

@@ -115,6 +115,19 @@ def test_small_vit_gradcam_equals_captum_on_an_explicit_grid_module(size, regist
     torch.testing.assert_close(norm01(ours), pgc, rtol=1e-4, atol=1e-4)
 
 
+def test_vit_b16_gradcam_equals_captum_on_an_explicit_grid_module(vit_b16):
+    import copy
+
+    model = copy.deepcopy(vit_b16)
+    x = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(4))
+    t = torch.tensor([5, 0])
+    ours = explain(model, x, t, method="gradcam", upsample=False)
+    block = model.encoder.layers.encoder_layer_11
+    block.ln_1 = _Grid(block.ln_1, 1, 14, 14)
+    ref = LayerGradCam(model, block.ln_1.grid).attribute(x, target=t, relu_attributions=True).squeeze(1)
+    torch.testing.assert_close(ours, ref.detach(), rtol=1e-4, atol=1e-7)
+
+
 def test_small_vit_other_input_sizes_use_interpolated_positions():
     torch.manual_seed(0)
     model = SmallViT(num_classes=3).eval()
@@ -129,16 +142,33 @@ def test_small_vit_other_input_sizes_use_interpolated_positions():
         model(torch.rand(1, 3, 4, 64))
 
 
-def test_user_reshape_overrides_and_equals_the_inferred_grid():
+@pytest.mark.parametrize("method,opts", [
+    ("gradcam", {}), ("gradcam_pp", {}), ("layercam", {}), ("gradcam_thresholded", {}),
+    ("tif", {"base": "gradient", "alpha": 0.5}), ("tif", {"base": "input_x_gradient"}),
+    ("tif", {"base": "integrated_gradients", "n_steps": 4}),
+    ("tif", {"base": "smoothgrad", "n_samples": 3}),
+    ("haf", {"steps": 3, "lam": 0.01, "normalize": False, "layers": ["encoder.layers.encoder_layer_1"]}),
+])
+def test_every_layered_method_on_token_layers_equals_the_explicit_reshape(method, opts):
+    """The inferred grid against pytorch-grad-cam's reshape_transform passed as reshape= (the index-map
+    path: a gather and a scatter, no token arithmetic of ours), for every method over layers."""
     torch.manual_seed(0)
     model = SmallViT(num_classes=3, num_registers=2).eval()
     x, t = torch.rand(2, 3, 64, 64), torch.tensor([2, 0])
-    for method, opts in [("gradcam", {}), ("tif", {"base": "integrated_gradients", "n_steps": 4}),
-                         ("tif", {"base": "gradient", "alpha": 0.5}), ("gradcam_thresholded", {})]:
-        auto = explain(model, x, t, method=method, **opts)
-        user = explain(model, x, t, method=method, reshape=_vit_reshape(3, 8, 8), **opts)
-        torch.testing.assert_close(auto, user, rtol=1e-5, atol=1e-7)
-        assert float(auto.amax()) > 0
+    if "n_samples" in opts:
+        opts = {**opts, "generator": torch.Generator().manual_seed(0)}
+    auto = explain(model, x, t, method=method, **opts)
+    if "generator" in opts:
+        opts = {**opts, "generator": torch.Generator().manual_seed(0)}
+    user = explain(model, x, t, method=method, reshape=_vit_reshape(3, 8, 8), **opts)
+    torch.testing.assert_close(auto, user, rtol=1e-5, atol=1e-7)
+    assert float(auto.amax()) > 0
+
+
+def test_user_reshape_overrides_the_inferred_grid():
+    torch.manual_seed(0)
+    model = SmallViT(num_classes=3, num_registers=2).eval()
+    x, t = torch.rand(2, 3, 64, 64), torch.tensor([2, 0])
     # a transposed grid (h and w swapped) is honoured, not silently replaced by the inferred one
     flipped = explain(model, x, t, method="gradcam", upsample=False,
                       reshape=lambda a: _vit_reshape(3, 8, 8)(a).transpose(2, 3))
