@@ -247,12 +247,12 @@ def model_hash(cfg: Any, mode: str, seed: int) -> str:
     """What one (mode, seed) model depends on: data, model, the training settings and its mode's own
     section (consistency starts from the ERM warm-up, whose inputs are the same). Changing a SCAAT knob
     retrains only the SCAAT models; adding a seed trains only the new ones."""
-    from pipelines.config import digest
+    from pipelines.config import digest, section_dump
 
-    payload = {"data": cfg.data.model_dump(mode="json"), "model": cfg.model.model_dump(mode="json"),
-               "train": cfg.train.model_dump(mode="json", exclude=_RUNTIME_KEYS), "mode": mode, "seed": seed}
+    payload = {"data": section_dump(cfg, "data"), "model": section_dump(cfg, "model"),
+               "train": section_dump(cfg, "train", exclude=_RUNTIME_KEYS), "mode": mode, "seed": seed}
     if mode in ("consistency", "scaat"):
-        payload[mode] = getattr(cfg, mode).model_dump(mode="json")
+        payload[mode] = section_dump(cfg, mode)
     return digest(payload)
 
 

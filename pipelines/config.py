@@ -282,7 +282,21 @@ class Config(_Section):
 
     def section_hash(self, *sections: str) -> str:
         """A short hash of the named sections: a stage's output is valid only for the same inputs."""
-        return digest({s: getattr(self, s).model_dump(mode="json") for s in sections})
+        return digest({s: section_dump(self, s) for s in sections})
+
+
+# Keys added after runs were committed: at their default they stay out of every hash (a committed stage stays
+# valid when the code learns an option it did not use); set to anything else, they enter it.
+LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False}, "train": {"loss": "ce"}}
+
+
+def section_dump(cfg: Config, section: str, exclude: set[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """A config section as the hashes see it: JSON values, ``exclude`` and LATER_DEFAULTS at default left out."""
+    d = getattr(cfg, section).model_dump(mode="json", exclude=set(exclude))
+    for k, v in LATER_DEFAULTS.get(section, {}).items():
+        if k in d and d[k] == v:
+            del d[k]
+    return d
 
 
 def digest(payload: Any) -> str:

@@ -157,11 +157,10 @@ NOT_SWEPT = ("shard_images", "n_test", "n_accuracy", "n_dwsol", "random_baseline
 
 
 def config_hash(cfg: Any) -> str:
-    from pipelines.config import digest
+    from pipelines.config import digest, section_dump
 
-    payload = {s: getattr(cfg, s).model_dump(mode="json") for s in ("data", "model", "train", "consistency",
-                                                                      "scaat", "sweep")}
-    payload["evaluate"] = {k: v for k, v in cfg.evaluate.model_dump(mode="json").items() if k not in NOT_SWEPT}
+    payload = {s: section_dump(cfg, s) for s in ("data", "model", "train", "consistency", "scaat", "sweep")}
+    payload["evaluate"] = section_dump(cfg, "evaluate", exclude=NOT_SWEPT)
     return digest(payload)
 
 

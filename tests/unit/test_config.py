@@ -93,3 +93,17 @@ def test_the_sweep_hash_ignores_evaluate_keys_no_trial_reads():
               "sweep.n_val=8", "train.epochs=3"):
         assert sweep.config_hash(load_config(ROOT / "configs/smoke.yaml", [o])) != sweep.config_hash(base), o
     assert set(sweep.NOT_SWEPT) <= set(base.evaluate.model_dump())  # no stale names
+
+
+def test_keys_added_later_leave_the_hashes_of_older_runs_alone():
+    """A committed stage stays valid when the config learns a new key: at its default the key is not hashed."""
+    from pipelines.common import model_hash
+    from pipelines.config import LATER_DEFAULTS, digest
+
+    cfg = load_config(ROOT / "configs/smoke.yaml")
+    older = {s: {k: v for k, v in getattr(cfg, s).model_dump(mode="json").items() if k not in LATER_DEFAULTS.get(s, {})}
+             for s in ("data", "train")}
+    assert cfg.section_hash("data", "train") == digest(older)
+    ml = load_config(ROOT / "configs/smoke.yaml", ["data.multilabel=true", "train.loss=bce", "train.modes=[erm]"])
+    assert ml.section_hash("data") != cfg.section_hash("data")
+    assert model_hash(ml, "erm", 0) != model_hash(cfg, "erm", 0)
