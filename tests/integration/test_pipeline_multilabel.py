@@ -1,5 +1,7 @@
-"""The smoke pipeline on multi-label data (data.multilabel, train.loss bce): trained with one sigmoid per
-class, explained per (image, class) pair against that class's mask, mAP in the report and RESULTS.md."""
+"""The smoke pipeline with a vision transformer (model.arch=vit_tiny) on multi-label data (data.multilabel,
+train.loss bce): trained with one sigmoid per class, explained per (image, class) pair on its token grid
+against that class's mask, mAP in the report and RESULTS.md. One run for both (a whole run costs suite time);
+consistency and SCAAT training a ViT are unit tests (tests/unit/test_tokens.py)."""
 
 import json
 
@@ -12,13 +14,14 @@ from tests.integration.test_pipeline import _evaluate_rows, _split
 
 pytestmark = pytest.mark.slow
 
-ML = ["--set", "data.multilabel=true", "--set", "train.loss=bce", "--set", "train.modes=[erm]",
+ML = ["--set", "model.arch=vit_tiny", "--set", "data.multilabel=true", "--set", "train.loss=bce",
+      "--set", "train.modes=[erm]",
       "--set", "evaluate.methods=[gradcam, saliency]", "--set", "evaluate.n_test=12", "--set", "sweep.enabled=false",
       "--set", "evaluate.n_dwsol=4", "--set", "evaluate.random_baseline=false",
       "--set", "evaluate.detection_images=0", "--set", "evaluate.randomisation_images=0"]
 
 
-def test_multilabel_run_explains_every_image_class_pair_and_reports_map(ray_session, tmp_path):
+def test_vit_multilabel_run_explains_every_image_class_pair_and_reports_map(ray_session, tmp_path):
     from sklearn.metrics import average_precision_score
 
     from pipelines import full
@@ -45,6 +48,7 @@ def test_multilabel_run_explains_every_image_class_pair_and_reports_map(ray_sess
         want = sorted((int(i), int(c)) for i, hot in zip(first, data["labels"][:n]) for c in np.flatnonzero(hot))
         assert got == want
     model = make_model(cfg)
+    assert type(model).__name__ == "SmallViT"
     model.load_state_dict(torch.load(store / "train" / "erm_s0" / "model.pt", weights_only=True)["model"])
     model.eval()
     x = torch.from_numpy(data["image"][:n].astype(np.float32) / 255)

@@ -318,3 +318,32 @@ def test_layer_maps_of_token_layers_are_grids_and_cnn_layers_unchanged():
     lm = layer_maps(model, x, 0, [model.cam_layer, "conv_proj"])
     assert lm.activations[model.cam_layer].shape == (2, 128, 8, 8)
     assert lm.activations["conv_proj"].shape == (2, 128, 8, 8)  # a conv output as it is
+
+
+def test_consistency_and_scaat_train_a_vit():
+    """The two training objectives on a ViT: consistency's CAM masks come from the token grid (a background
+    region per image, the attack confined to it), SCAAT's loss backpropagates to every parameter; both through
+    the pipeline's own per-batch loss."""
+    from pipelines.config import ROOT, load_config
+    from pipelines.train import batch_loss
+    from xai_core.objectives import consistency_weights
+
+    torch.manual_seed(0)
+    model = SmallViT(num_classes=3, image_size=32, num_layers=2, hidden_dim=32, mlp_dim=32)
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 1])
+    model.eval()
+    res = consistency_weights(model, x, y, mask_source="cam", eps=2 / 255, steps=1)
+    assert res.cam.shape == (4, 32, 32) and float(res.cam.amax()) > 0
+    assert bool(res.background.any()) and not bool(res.background.all())
+    assert torch.isfinite(res.w).all() and float(res.w.mean()) == pytest.approx(1.0, rel=1e-5)
+    assert float((res.x_adv - x).abs()[~res.background.expand_as(x)].max()) == 0  # object untouched
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["model.arch=vit_tiny"])
+    model.train()
+    for mode, batch in (("consistency", {"image": x, "label": y, "w": res.w}), ("scaat", {"image": x, "label": y})):
+        model.zero_grad()
+        loss, logits, _ = batch_loss(model, batch, mode, cfg, torch.Generator().manual_seed(0))
+        loss.backward()
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert torch.isfinite(loss) and logits.shape == (4, 3)
+        assert all(g is not None and torch.isfinite(g).all() for g in grads), mode
+        assert float(model.conv_proj.weight.grad.abs().sum()) > 0, mode
