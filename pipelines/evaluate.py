@@ -103,7 +103,7 @@ def explain_fn(cfg: Any, method: str, alphas: dict[str, float], seed: int = 0, r
     alpha = alpha_of(alphas, method)
 
     def fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Maps [B,H,W]; for a multi-hot target [B,K], one per (image, class) pair (xai_core.targets order)."""
+        """Maps [B,H,W]; for a multi-label target (multi-hot [B,K] or Pairs), one per (image, class) pair."""
         opts = method_options(cfg, method, alpha, seed, model=model, raw=raw, tuned=alphas)
         res = explain(model, x, target, method=base_method(method), **opts)
         return (res.maps if isinstance(res, PairMaps) else res).detach()
@@ -229,7 +229,7 @@ class EvalActor:
         maskp = mask if pairs is None else pairs.class_masks(t["class_masks"].bool())
         pair_batch = batch if pairs is None else {**{k: v[pairs.image.numpy()] for k, v in batch.items()},
                                                   "label": pairs.target.numpy()}
-        target = y if pairs is None else t["labels"]
+        target = y if pairs is None else pairs  # explain takes the pairs themselves: the rows above, by construction
         for key, model in self.models.items():
             acc_cols = self._accuracy(model, x, t)
             for eps in e.pgd_eps:  # multi-label data: the attack is on the first object's class
