@@ -35,8 +35,13 @@ bench: $(STAMP)
 
 # The check against the committed docs/RESULTS.md is printed (and kept in runs/paper/report/reproduction.json)
 # before the new run's table replaces it; a difference beyond the seeds' spread does not stop the copy.
+# artifacts/paper (committed to git) keeps every model and evaluate shard the run has committed, so that a run cut
+# short (a session's end, a lost machine) resumes on a fresh checkout: restored first, saved after, also on failure
+# (`python -m pipelines.keep save` while it runs keeps what is committed so far).
 paper: $(STAMP)
-	$(BIN)/python pipelines/full.py --config configs/paper.yaml
+	$(BIN)/python -m pipelines.keep restore --config configs/paper.yaml
+	$(BIN)/python pipelines/full.py --config configs/paper.yaml; rc=$$?; \
+		$(BIN)/python -m pipelines.keep save --config configs/paper.yaml && exit $$rc
 	-$(BIN)/python -m pipelines.results docs/RESULTS.md runs/paper/report/RESULTS.md \
 		--json runs/paper/report/reproduction.json
 	cp runs/paper/report/RESULTS.md docs/RESULTS.md

@@ -366,3 +366,28 @@ def test_training_knob_sweep_with_asha(smoke_copy):
     live = [k for k, v in ray._private.state.state.placement_group_table().items() if v["state"] != "REMOVED"]
     assert live == []
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+
+
+def test_kept_run_resumes_on_a_fresh_checkout(smoke_run, ray_session, tmp_path, capsys):
+    """pipelines.keep: the smoke run's committed units saved, then restored into an empty run directory (a new
+    session's checkout): the rerun rebuilds only ingest (bit for bit the same files) and the report."""
+    from pipelines import full, keep
+    from pipelines import storage as st
+    from tests.integration.conftest import _smoke
+
+    kept = tmp_path / "artifacts" / "smoke"
+    assert keep.main([*smoke_run["args"][2:], "save", "--config", smoke_run["args"][1], "--dir", str(kept)]) == 0
+    fresh = _smoke(tmp_path / "fresh")
+    units = keep.units(st.Storage(str(smoke_run["store"])))
+    assert {u.split("/")[0] for u in units} == {"precompute", "train", "sweep", "evaluate"}
+    assert keep.restore(kept, st.Storage(str(fresh["store"]))) == sorted(units)
+    capsys.readouterr()
+    assert full.main(fresh["args"]) == 0
+    assert "ran ingest, report; skipped committed train, sweep, evaluate." in capsys.readouterr().out
+
+    def files(stage: str, root: Path) -> dict:
+        return {p.relative_to(root): p.read_bytes() for p in (root / stage).rglob("*")
+                if p.is_file() and p.name != st.MANIFEST}
+
+    for stage in ("ingest", "train", "evaluate"):
+        assert files(stage, fresh["store"]) == files(stage, smoke_run["store"]), stage

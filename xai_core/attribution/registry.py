@@ -28,15 +28,20 @@ class Method:
     pairs: Callable[[dict], bool] = lambda _options: False
 
 
+def always(_options: dict) -> bool:
+    """A ``Method.pairs`` predicate: the method takes Pairs targets with any options."""
+    return True
+
+
 _METHODS: dict[str, Method] = {
-    "saliency": Method(gradients.saliency, "input", gradients.reduce_abs_max, pairs=lambda _o: True),
+    "saliency": Method(gradients.saliency, "input", gradients.reduce_abs_max, pairs=always),
     "input_x_gradient": Method(gradients.input_x_gradient, "input", gradients.reduce_sum_abs,
-                               pairs=lambda _o: True),
+                               pairs=always),
     "integrated_gradients": Method(gradients.integrated_gradients, "input", gradients.reduce_sum_abs),
     "smoothgrad": Method(gradients.smoothgrad, "input", gradients.reduce_abs_max),
-    "gradcam": Method(cam.CAM_WEIGHTS["gradcam"], "cam", pairs=lambda _o: True),
-    "gradcam_pp": Method(cam.CAM_WEIGHTS["gradcam_pp"], "cam", pairs=lambda _o: True),
-    "layercam": Method(cam.CAM_WEIGHTS["layercam"], "cam", pairs=lambda _o: True),
+    "gradcam": Method(cam.CAM_WEIGHTS["gradcam"], "cam", pairs=always),
+    "gradcam_pp": Method(cam.CAM_WEIGHTS["gradcam_pp"], "cam", pairs=always),
+    "layercam": Method(cam.CAM_WEIGHTS["layercam"], "cam", pairs=always),
 }
 
 

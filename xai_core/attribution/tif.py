@@ -20,7 +20,7 @@ from xai_core._tensor import upsample as upsample_to
 from xai_core.attribution._hooks import LayerMaps, ReshapeArg, capture, layer_maps, resolve_layers
 from xai_core.attribution.cam import cam_maps, gradcam_weights
 from xai_core.attribution.gradients import noisy_inputs, run_steps
-from xai_core.attribution.registry import Method, register
+from xai_core.attribution.registry import Method, always, register
 
 BASES = ("gradient", "input_x_gradient", "integrated_gradients", "smoothgrad")
 WEIGHTS = ("gradcam", "uniform", "attribution_mass")
@@ -169,4 +169,4 @@ def _one_pass(options: dict) -> bool:
 
 
 register("tif", Method(tif, "layered", default_layers="all", pairs=_one_pass))
-register("gradcam_thresholded", Method(gradcam_thresholded, "layered", default_layers="cam", pairs=lambda _o: True))
+register("gradcam_thresholded", Method(gradcam_thresholded, "layered", default_layers="cam", pairs=always))

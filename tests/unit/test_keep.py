@@ -1,0 +1,67 @@
+"""pipelines.keep: committed units of a run saved to a kept directory and put back on a fresh checkout."""
+
+import json
+
+from pipelines import keep
+from pipelines import storage as st
+
+
+def _unit(store: st.Storage, rel: str, files: dict[str, bytes], h: str = "h1") -> None:
+    for name, data in files.items():
+        store.write_bytes(data, rel, name)
+    st.commit(store, rel, h)
+
+
+def _tree(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def _run(tmp_path) -> st.Storage:
+    store = st.Storage(str(tmp_path / "runs" / "paper"))
+    _unit(store, "ingest", {"test-0.parquet": b"rebuilt from the config"})
+    _unit(store, "train/erm_s0", {"model.pt": b"m0"})
+    _unit(store, "train/erm_s1", {"model.pt": b"m1", "ckpt/best.pt": b"b1"})
+    store.write_bytes(b"half a model", "train/erm_s2", "model.pt")  # in flight: no manifest
+    _unit(store, "evaluate/test/0", {"rows-0.parquet": b"r0"})
+    _unit(store, "sweep", {"results.json": b"{}", "trials/t0.json": b"t"})
+    _unit(store, "report", {"report.html": b"<html>"})
+    return store
+
+
+def test_save_copies_exactly_the_committed_units_but_ingest_and_report(tmp_path):
+    store, kept = _run(tmp_path), tmp_path / "artifacts" / "paper"
+    assert keep.units(store) == ["evaluate/test/0", "sweep", "train/erm_s0", "train/erm_s1"]
+    assert keep.save(store, kept) == ["evaluate/test/0", "sweep", "train/erm_s0", "train/erm_s1"]
+    tree = _tree(kept)
+    assert {k for k in tree if not k.endswith(st.MANIFEST)} == {
+        "evaluate/test/0/rows-0.parquet", "sweep/results.json", "sweep/trials/t0.json",
+        "train/erm_s0/model.pt", "train/erm_s1/model.pt", "train/erm_s1/ckpt/best.pt"}
+    assert tree["train/erm_s1/ckpt/best.pt"] == b"b1"
+    assert json.loads(tree["train/erm_s0/" + st.MANIFEST])["config_hash"] == "h1"
+    assert keep.save(store, kept) == []  # nothing new: nothing copied, no temporary left
+    assert _tree(kept) == tree
+
+
+def test_a_stage_committed_later_replaces_its_saved_parts(tmp_path):
+    store, kept = _run(tmp_path), tmp_path / "kept"
+    keep.save(store, kept)
+    _unit(store, "train/erm_s2", {"model.pt": b"m2"})
+    st.commit(store, "train", "h1", files={})
+    assert keep.save(store, kept) == ["train"]
+    assert _tree(kept)["train/erm_s2/model.pt"] == b"m2" and (kept / "train" / st.MANIFEST).is_file()
+    assert not [p for p in kept.rglob("*") if ".tmp-" in p.name]
+
+
+def test_restore_puts_back_what_the_run_lacks_and_leaves_committed_units(tmp_path):
+    store, kept = _run(tmp_path), tmp_path / "kept"
+    keep.save(store, kept)
+    fresh = st.Storage(str(tmp_path / "fresh" / "paper"))
+    _unit(fresh, "sweep", {"results.json": b"{\"newer\": 1}"}, h="h2")  # committed here: left as it is
+    fresh.write_bytes(b"dead attempt", "train/erm_s0", "partial.pt")  # no manifest: replaced
+    assert keep.restore(kept, fresh) == ["evaluate/test/0", "train/erm_s0", "train/erm_s1"]
+    tree = _tree(tmp_path / "fresh" / "paper")
+    assert tree["train/erm_s1/ckpt/best.pt"] == b"b1" and "train/erm_s0/partial.pt" not in tree
+    assert tree["sweep/results.json"] == b"{\"newer\": 1}"
+    assert st.committed(fresh, "train/erm_s0", "h1") is not None
+    assert keep.restore(kept, fresh) == []
+    assert keep.restore(tmp_path / "nothing-kept", fresh) == []
