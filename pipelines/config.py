@@ -28,12 +28,17 @@ class ConfigError(ValueError):
     """A config that cannot run: names the key, the bad value and what is allowed."""
 
 
+DATASETS = ("cub", "waterbirds", "voc")  # data.source values read from data.root (xai_core.data.datasets)
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
 class DataConfig(_Section):
-    source: Literal["biased_shapes", "folder"] = "biased_shapes"
+    # biased_shapes (METHODS §7), folder (an ImageFolder), or a dataset as distributed under data.root: cub
+    # (CUB-200-2011), waterbirds, voc (PASCAL VOC 2012, multi-label); xai_core/data/datasets.py
+    source: Literal["biased_shapes", "folder", "cub", "waterbirds", "voc"] = "biased_shapes"
     n_train: int = Field(4000, ge=8)
     n_val: int = Field(256, ge=4)
     n_test: int = Field(512, ge=4)
@@ -42,7 +47,7 @@ class DataConfig(_Section):
     # (train.loss bce; evaluate explains every (image, class) pair and reports mAP and per-class pointing game)
     multilabel: bool = False
     size: int = Field(64, ge=16, le=1024)
-    num_classes: int = Field(6, ge=2, le=6)
+    num_classes: int = Field(6, ge=2)  # biased_shapes: at most 6; cub/waterbirds/voc: from the data
     bias: float = Field(0.9, ge=0.0, le=1.0)
     contrast: float | None = Field(None, gt=0.0, le=1.0)
     seed: int = 0
@@ -50,6 +55,9 @@ class DataConfig(_Section):
     mask_dir: str | None = None
     boxes_file: str | None = None
     test_fraction: float = Field(0.2, gt=0.0, lt=1.0)
+    root: str | None = None  # cub / waterbirds / voc: the dataset's folder as distributed
+    # folder, cub, voc: the validation split, held out of train (seeded by data.seed; never out of test)
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     on_bad_input: Literal["fail", "skip"] = "fail"
     rows_per_shard: int = Field(2048, ge=16)
 
@@ -57,6 +65,20 @@ class DataConfig(_Section):
     def _folder_needs_path(self) -> DataConfig:
         if self.source == "folder" and not self.folder:
             raise ValueError("data.folder must name an image folder when data.source is 'folder'")
+        if self.source == "biased_shapes" and self.num_classes > 6:
+            raise ValueError(f"data.num_classes={self.num_classes}: biased_shapes draws at most 6 shapes")
+        if self.source in DATASETS:
+            from xai_core.data.datasets import classes_of
+
+            if not self.root:
+                raise ValueError(f"data.root must name the {self.source} dataset's folder when data.source is "
+                                 f"{self.source!r}")
+            n = len(classes_of(self.source, self.root))  # fails naming the missing index file
+            if "num_classes" in self.model_fields_set and self.num_classes != n:
+                raise ValueError(f"data.num_classes={self.num_classes} but {self.source} under {self.root!r} has "
+                                 f"{n} classes (leave data.num_classes out: it is taken from the data)")
+            if self.num_classes != n:
+                self.num_classes = n
         return self
 
 
@@ -263,14 +285,16 @@ class Config(_Section):
                                  f" leaves no ERM warm-up within train.epochs={self.train.epochs}: need "
                                  "(rounds - 1) * round_epochs < train.epochs")
         if self.data.multilabel or self.train.loss == "bce":
-            if not (self.data.multilabel and self.train.loss == "bce" and self.data.source == "biased_shapes"):
-                raise ValueError("multi-label training needs data.multilabel=true, data.source=biased_shapes and "
-                                 f"train.loss=bce together (got multilabel={self.data.multilabel}, source="
+            if not (self.data.multilabel and self.train.loss == "bce" and self.data.source in ("biased_shapes", "voc")):
+                raise ValueError("multi-label training needs data.multilabel=true, data.source=biased_shapes or voc "
+                                 f"and train.loss=bce together (got multilabel={self.data.multilabel}, source="
                                  f"{self.data.source!r}, loss={self.train.loss!r})")
             if self.train.modes != ["erm"]:
                 raise ValueError(f"train.modes={self.train.modes}: with multi-label data only 'erm' trains "
                                  "(consistency reweighting and SCAAT attack one class per image); set "
                                  "train.modes=[erm]")
+        if self.data.source == "voc" and not self.data.multilabel:
+            raise ValueError("data.source=voc is multi-label: set data.multilabel=true and train.loss=bce")
         patch = re.fullmatch(r"vit_[a-z]+_(\d+)", self.model.arch)
         if patch and self.data.size % int(patch[1]):
             raise ValueError(f"model.arch={self.model.arch!r} has patch size {patch[1]}: data.size="
@@ -287,7 +311,8 @@ class Config(_Section):
 
 # Keys added after runs were committed: at their default they stay out of every hash (a committed stage stays
 # valid when the code learns an option it did not use); set to anything else, they enter it.
-LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False}, "train": {"loss": "ce"}}
+LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False, "root": None, "val_fraction": 0.1},
+                                             "train": {"loss": "ce"}}
 
 
 def section_dump(cfg: Config, section: str, exclude: set[str] | tuple[str, ...] = ()) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipelines import storage as st
 from pipelines.common import in_order
+from pipelines.config import DATASETS
 
 log = logging.getLogger("xai.ingest")
 STAGE = "ingest"
@@ -24,7 +25,78 @@ FOOTER_BATCH_FILES = 10  # Ray 2.60's footer batch (RAY_DATA_PARQUET_FOOTER_BATC
 
 
 def config_hash(cfg: Any) -> str:
-    return cfg.section_hash("data")
+    if cfg.data.source == "biased_shapes":
+        return cfg.section_hash("data")
+    # image folders got a validation split of their own (before: val = test) and Ray Data decoding: a folder
+    # ingest committed before then is not reused
+    from pipelines.config import digest, section_dump
+
+    return digest({"data": section_dump(cfg, "data"), "ingest": 2})
+
+
+DECODE_BATCH = 32  # records per Ray Data decode task (images decoded, resized and cropped in the task)
+
+
+def decode_batch(batch: dict[str, np.ndarray], size: int, num_classes: int, multilabel: bool
+                 ) -> dict[str, np.ndarray]:
+    """Ray Data UDF: rows {idx, record (JSON of a datasets.Record)} -> the split's columns at ``size`` px."""
+    import json
+
+    from xai_core.data.datasets import Record, load_record
+
+    rows = []
+    for rec in batch["record"]:
+        d = json.loads(rec)
+        d["boxes"] = tuple(tuple(b) for b in d["boxes"])
+        rows.append(load_record(Record(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}),
+                                size, num_classes, multilabel))
+    out = {"idx": np.asarray(batch["idx"], np.int64)}
+    for k in rows[0]:
+        out[k] = np.stack([r[k] for r in rows])
+    return out
+
+
+def _dataset_splits(cfg: Any, store: st.Storage) -> tuple[dict[str, list[str]], dict[str, int], list]:
+    """cub / waterbirds / voc: list the records here (index files and image headers only), then decode,
+    resize and write them as Parquet in Ray Data tasks, streaming: the driver never holds the images."""
+    import dataclasses
+    import json
+    from functools import partial
+
+    import ray.data
+
+    from xai_core.data.datasets import READERS, SPLITS
+
+    d = cfg.data
+    kw: dict[str, Any] = {"on_bad_input": d.on_bad_input}
+    if d.source != "waterbirds":
+        kw.update(val_fraction=d.val_fraction, seed=d.seed)
+    listing = READERS[d.source](d.root, **kw)
+    files, rows = {}, {}
+    for split in SPLITS:
+        recs = listing.records[split]
+        if not recs:
+            raise ValueError(f"data.root {d.root!r} ({d.source}): the {split} split is empty")
+        items = [{"idx": i, "record": json.dumps(dataclasses.asdict(r))} for i, r in enumerate(recs)]
+        ds = in_order(ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // DECODE_BATCH))))
+        ds = ds.map_batches(partial(decode_batch, size=d.size, num_classes=d.num_classes, multilabel=d.multilabel),
+                            batch_size=DECODE_BATCH)
+        ds.write_parquet(store.uri(STAGE, split), filesystem=store.fs, max_rows_per_file=d.rows_per_shard)
+        files[split] = _files_in_idx_order(store, split)
+        rows[split] = len(recs)
+        log.info("ingest: %s split, %d rows in %d shard(s)", split, rows[split], len(files[split]))
+    return files, rows, listing.skipped
+
+
+def _files_in_idx_order(store: st.Storage, split: str) -> list[str]:
+    """The Parquet files Ray Data wrote for a split, ordered by their first idx (its file names are not)."""
+    import pyarrow.parquet as pq
+
+    first = {}
+    for path in store.list_files(STAGE, split, suffix=".parquet"):
+        idx = pq.read_table(path, columns=["idx"], filesystem=store.fs).column("idx")
+        first[path[len(store.path()) + 1:]] = int(idx[0].as_py()) if len(idx) else -1
+    return sorted((f for f in first if first[f] >= 0), key=first.__getitem__)
 
 
 def _synthetic_splits(cfg: Any) -> dict[str, dict[str, np.ndarray]]:
@@ -67,12 +139,14 @@ def _folder_splits(cfg: Any) -> tuple[dict[str, dict[str, np.ndarray]], list]:
     }
     perm = np.random.default_rng(d.seed).permutation(len(items))
     n_test = max(1, int(round(d.test_fraction * len(items))))
-    test, train = perm[:n_test], perm[n_test:]
+    test, rest = perm[:n_test], perm[n_test:]
+    n_val = max(1, int(round(d.val_fraction * len(rest))))
+    val, train = rest[:n_val], rest[n_val:]  # validation held out of train, never out of test
     if len(train) == 0:
         raise ValueError(f"data.folder {d.folder!r} has {len(items)} images: too few to split "
-                         f"with test_fraction={d.test_fraction}")
+                         f"with test_fraction={d.test_fraction} and val_fraction={d.val_fraction}")
     pick = lambda idx: {k: v[np.sort(idx)] for k, v in arrays.items()}  # noqa: E731
-    return {"train": pick(train), "val": pick(test), "test": pick(test)}, list(ds.skipped)
+    return {"train": pick(train), "val": pick(val), "test": pick(test)}, list(ds.skipped)
 
 
 def _validate(split: str, arrays: dict[str, np.ndarray], num_classes: int) -> None:
@@ -252,6 +326,12 @@ def run(cfg: Any, store: st.Storage, force: bool = False) -> tuple[dict, bool]:
     h = config_hash(cfg)
     if not force and (m := st.committed(store, STAGE, h)):
         return m, False
+    if cfg.data.source in DATASETS:
+        st.begin(store, STAGE)
+        files, rows, skipped = _dataset_splits(cfg, store)
+        manifest = st.commit(store, STAGE, h, rows=rows, files=files, source=cfg.data.source,
+                             skipped=[{"path": p, "reason": r} for p, r in skipped])
+        return manifest, True
     if cfg.data.source == "biased_shapes":
         splits, skipped = _synthetic_splits(cfg), []
     else:

@@ -33,7 +33,7 @@ def test_overrides_are_parsed_as_yaml():
     ("evaluate.methods=[gradcam, nope]", r"unknown method\(s\) \['nope'\]"),
     ("train.modes=[consistency]", r"'erm' must be in train.modes"),
     ("model.arch=resnet_99", r"model\.arch: .*unknown architecture 'resnet_99'; allowed: small_resnet, vit_tiny, "),
-    ("data.multilabel=true", r"needs data.multilabel=true, data.source=biased_shapes and train.loss=bce together"),
+    ("data.multilabel=true", r"needs data.multilabel=true, data.source=biased_shapes or voc and train.loss=bce"),
     ("train.loss=bce", r"got multilabel=False, source='biased_shapes', loss='bce'"),
     ("model.arch=vit_h_14", r"'vit_h_14' has patch size 14: data.size=32 must be a multiple of it"),
 ])
@@ -107,3 +107,25 @@ def test_keys_added_later_leave_the_hashes_of_older_runs_alone():
     ml = load_config(ROOT / "configs/smoke.yaml", ["data.multilabel=true", "train.loss=bce", "train.modes=[erm]"])
     assert ml.section_hash("data") != cfg.section_hash("data")
     assert model_hash(ml, "erm", 0) != model_hash(cfg, "erm", 0)
+
+
+def test_dataset_sources_take_their_classes_from_the_data(tmp_path: Path):
+    from tests._datasets import write_cub, write_voc
+
+    cub = write_cub(tmp_path)
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["data.source=cub", f"data.root={cub}"])
+    assert cfg.data.num_classes == 3  # classes.txt ids 1, 5, 9: no cap of 6, no gaps
+    with pytest.raises(ConfigError, match=r"data.num_classes=200 but cub under .* has 3 classes"):
+        load_config(ROOT / "configs/smoke.yaml", ["data.source=cub", f"data.root={cub}", "data.num_classes=200"])
+    with pytest.raises(ConfigError, match=r"data.root must name the waterbirds dataset's folder"):
+        load_config(ROOT / "configs/smoke.yaml", ["data.source=waterbirds"])
+    with pytest.raises(ConfigError, match=r"Waterbirds metadata '.*/nowhere/metadata.csv' not found"):
+        load_config(ROOT / "configs/smoke.yaml", ["data.source=waterbirds", f"data.root={tmp_path / 'nowhere'}"])
+    voc = write_voc(tmp_path)
+    with pytest.raises(ConfigError, match=r"data.source=voc is multi-label: set data.multilabel=true"):
+        load_config(ROOT / "configs/smoke.yaml", ["data.source=voc", f"data.root={voc}"])
+    ok = load_config(ROOT / "configs/smoke.yaml", ["data.source=voc", f"data.root={voc}", "data.multilabel=true",
+                                                   "train.loss=bce", "train.modes=[erm]"])
+    assert ok.data.num_classes == 20
+    with pytest.raises(ConfigError, match=r"data.num_classes=7: biased_shapes draws at most 6 shapes"):
+        load_config(ROOT / "configs/smoke.yaml", ["data.num_classes=7"])

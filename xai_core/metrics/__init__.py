@@ -1,5 +1,6 @@
 """Explanation metrics (METHODS §6): torch-native, batched, each returns per-sample values [B]."""
 
+from xai_core.metrics.boxes import box_hits, max_box_acc, max_box_acc_v2
 from xai_core.metrics.complexity import gini
 from xai_core.metrics.detection import adversarial_examples, auroc, detection_auroc, train_detector
 from xai_core.metrics.dwsol import dwsol, false_response
@@ -9,6 +10,7 @@ from xai_core.metrics.localisation import (
     energy_pointing_game,
     localisation_iou,
     pointing_game,
+    pointing_game_per_class,
     pseudo_masks,
     wsol_top1_loc,
     wsss_miou,
@@ -23,6 +25,7 @@ __all__ = [
     "auroc",
     "average_precision_per_class",
     "best_threshold",
+    "box_hits",
     "dataset_pxap",
     "deletion_auc",
     "detection_auroc",
@@ -34,10 +37,13 @@ __all__ = [
     "insertion_auc",
     "iou_at",
     "localisation_iou",
+    "max_box_acc",
+    "max_box_acc_v2",
     "mean_average_precision",
     "model_randomisation",
     "perturbation_curve_set",
     "pointing_game",
+    "pointing_game_per_class",
     "pseudo_masks",
     "pxap",
     "spearman",

@@ -60,6 +60,41 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float | No
     return torch.where(empty, torch.full_like(hit, float("nan")), hit)
 
 
+def pointing_game_per_class(maps: torch.Tensor, masks: torch.Tensor, classes: torch.Tensor, num_classes: int,
+                            tolerance: float = 15, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-class pointing-game accuracy [K] over (image, class) pairs, TorchRay's protocol
+    (torchray.benchmark.pointing_game): pair p is a hit when some pixel of its class mask lies at squared
+    distance < tolerance^2 (strictly; ``pointing_game`` counts <=) from the map's argmax (first on ties),
+    else a miss; a class's accuracy is hits / (hits + misses), NaN for a class without a counted pair (TorchRay
+    reports 0 there; its mean, over all classes, is then lower). ``keep`` [P] (bool) leaves pairs out, as
+    TorchRay leaves out a class whose VOC objects are all "difficult" and, on its difficult subset, the pairs
+    not flagged. Pairs with an empty mask are left out too. The benchmark's number is ``.nanmean()``."""
+    maps, masks = _check_maps_masks(maps, masks)
+    p, h, w = maps.shape
+    classes = torch.as_tensor(classes, device=maps.device).long()
+    if tuple(classes.shape) != (p,) or bool(((classes < 0) | (classes >= num_classes)).any()):
+        seen = f", values {classes.unique().tolist()[:10]}" if classes.numel() else ""
+        raise ValueError(f"classes must be [{p}] class ids in [0, {num_classes}), "
+                         f"got shape {tuple(classes.shape)}{seen}")
+    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
+        raise ValueError(f"tolerance={tolerance!r}: a number of pixels >= 0")
+    keep = torch.ones(p, dtype=torch.bool, device=maps.device) if keep is None else \
+        torch.as_tensor(keep, device=maps.device).bool()
+    if tuple(keep.shape) != (p,):
+        raise ValueError(f"keep must be [{p}] (one flag per pair), got {tuple(keep.shape)}")
+    idx = maps.flatten(1).argmax(1)
+    py, px = (idx // w).view(p, 1, 1), (idx % w).view(p, 1, 1)
+    d2 = (torch.arange(h, device=maps.device).view(1, h, 1) - py) ** 2 + \
+        (torch.arange(w, device=maps.device).view(1, 1, w) - px) ** 2
+    hit = ((d2 < tolerance * tolerance) & masks).flatten(1).any(1)
+    counted = keep & masks.flatten(1).any(1)
+    hits = torch.zeros(num_classes, dtype=torch.float64, device=maps.device)
+    total = torch.zeros_like(hits)
+    hits.index_add_(0, classes[counted], hit[counted].double())
+    total.index_add_(0, classes[counted], torch.ones_like(hit[counted], dtype=torch.float64))
+    return torch.where(total > 0, hits / total.clamp_min(1), torch.full_like(hits, float("nan")))
+
+
 def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """Share of relu(map) inside the mask [B]; 0 for a map with no positive mass, NaN for an empty mask.
 
@@ -118,19 +153,32 @@ def _run_max(lab: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
     return best[run] * fg
 
 
-def connected_components(fg: torch.Tensor) -> torch.Tensor:
-    """4-connected component labels [B,H,W] of boolean masks [B,H,W]: 0 = background, else the largest
-    (1-based, row-major) pixel index in the component. Vectorised over the batch: the largest label is
-    spread along whole horizontal then vertical runs of foreground, then by pointer jumping, until
-    nothing changes."""
+def _diagonal_max(lab: torch.Tensor, fg: torch.Tensor) -> torch.Tensor:
+    """The largest label among each foreground pixel's own and its four diagonal neighbours' (labels [B,H,W])."""
+    p = torch.nn.functional.pad(lab, (1, 1, 1, 1))
+    h, w = lab.shape[1:]
+    diag = torch.stack([p[:, :h, :w], p[:, :h, 2:], p[:, 2:, :w], p[:, 2:, 2:]]).amax(0)
+    return torch.maximum(lab, diag) * fg
+
+
+def connected_components(fg: torch.Tensor, connectivity: int = 4) -> torch.Tensor:
+    """Component labels [B,H,W] of boolean masks [B,H,W], 4- or 8-connected (``connectivity``): 0 =
+    background, else the largest (1-based, row-major) pixel index in the component. Vectorised over the
+    batch: the largest label is spread along whole horizontal then vertical runs of foreground (and, if
+    8-connected, to diagonal neighbours), then by pointer jumping, until nothing changes."""
     check_maps(fg, "fg")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
     b, h, w = fg.shape
     fg = fg.bool()
     fg_t = fg.transpose(1, 2).contiguous()
     lab = torch.arange(1, h * w + 1, device=fg.device).view(1, h, w).expand(b, h, w) * fg
     while True:
         new = _run_max(lab, fg)
-        new = _run_max(new.transpose(1, 2).contiguous(), fg_t).transpose(1, 2).reshape(b, h * w)
+        new = _run_max(new.transpose(1, 2).contiguous(), fg_t).transpose(1, 2)
+        if connectivity == 8:
+            new = _diagonal_max(new.contiguous(), fg)
+        new = new.reshape(b, h * w)
         # pointer jumping: a label is the (1-based) index of a pixel of the same component, and that
         # pixel's own label is at least as large; following it spreads labels like path compression
         while True:
@@ -202,5 +250,5 @@ def wsol_top1_loc(maps: torch.Tensor, boxes: torch.Tensor, pred: torch.Tensor, l
 
 
 __all__ = ["box_iou", "connected_components", "default_tolerance", "energy_pointing_game",
-           "largest_component_boxes", "localisation_iou", "pointing_game", "pseudo_masks", "wsol_top1_loc",
-           "wsss_miou"]
+           "largest_component_boxes", "localisation_iou", "pointing_game", "pointing_game_per_class", "pseudo_masks",
+           "wsol_top1_loc", "wsss_miou"]
