@@ -35,7 +35,7 @@ bench: $(STAMP)
 
 # The check against the committed docs/RESULTS.md is printed (and kept in runs/paper/report/reproduction.json)
 # before the new run's table replaces it; a difference beyond the seeds' spread does not stop the copy.
-# artifacts/paper (committed to git) keeps every model and evaluate shard the run has committed, so that a run cut
+# artifacts/paper (committed to git) keeps every model, precompute round and evaluate shard the run has committed, so that a run cut
 # short (a session's end, a lost machine) resumes on a fresh checkout: restored first, saved after, also on failure
 # (`python -m pipelines.keep save` while it runs keeps what is committed so far).
 paper: $(STAMP)

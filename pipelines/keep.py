@@ -10,14 +10,20 @@ copies back the units the run directory lacks, so the pipeline skips them and re
     python -m pipelines.keep restore --config configs/paper.yaml   # before the run, on a fresh checkout
 
 Left out: ``ingest`` (rebuilt from the config: the synthetic benchmark is seeded, bit for bit; a folder
-source reads the same files again) and ``report`` (cheap, rebuilt from evaluate). A unit is copied to a
-temporary sibling and renamed into place, so a killed ``save`` leaves either the old unit or the new one.
-Units whose config hash no longer matches are still copied: the pipeline compares hashes and redoes them.
+source reads the same files again), ``report`` (cheap, rebuilt from evaluate), and the training images a
+precompute round holds (``samples``, 165 MB a round in the paper config): a round is kept as its manifest
+and weights.parquet (what the report reads), marked ``kept_without``, and only once the consistency model it
+trained is committed; precompute redoes a round kept so if it is ever needed again. The ERM warm-up and
+round checkpoints lying loose in train/ travel with train once it is committed; a restored run that still
+has to train a consistency model retrains its warm-up. A unit is copied to a temporary sibling and renamed
+into place, so a killed ``save`` leaves either the old unit or the new one. Units whose config hash no
+longer matches are still copied: the pipeline compares hashes and redoes them.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import shutil
 import sys
@@ -58,21 +64,47 @@ def _same(a: bytes | None, b: Path) -> bool:
     return a is not None and b.is_file() and b.read_bytes() == a
 
 
+SLIM = {"precompute": "samples"}  # stage -> the file list of its units that is not kept
+
+
+def _slim(manifest: bytes, drop: str) -> bytes:
+    m = json.loads(manifest)
+    m["files"] = {**m["files"], drop: []}
+    m["kept_without"] = drop
+    return json.dumps(m, indent=2, sort_keys=True).encode()
+
+
+def _consumer_committed(store: st.Storage, rel: str) -> bool:
+    """A precompute round (precompute/s<seed>_round<r>) is kept once train/consistency_s<seed> is committed."""
+    seed = rel.split("/")[1].split("_round")[0].lstrip("s")
+    return store.exists(f"train/consistency_s{seed}", st.MANIFEST) or store.exists("train", st.MANIFEST)
+
+
 def save(store: st.Storage, kept: Path) -> list[str]:
     """Copy every committed unit the kept directory lacks or holds in another version; returns them."""
     copied = []
     for rel in units(store):
         dest = kept / rel
-        if _same(store.read_bytes(rel, st.MANIFEST), dest / st.MANIFEST):
+        manifest = store.read_bytes(rel, st.MANIFEST)
+        drop = SLIM.get(rel.split("/")[0])
+        if drop and "/" in rel:
+            if not _consumer_committed(store, rel):
+                continue
+            manifest = _slim(manifest, drop)
+        if _same(manifest, dest / st.MANIFEST):
             continue
         tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         src = store.path(rel)
+        left_out = {store.path(f) for f in json.loads(store.read_bytes(rel, st.MANIFEST))["files"].get(drop, [])
+                    } if drop else set()
         for path in store.list_files(rel):
+            if path in left_out:
+                continue
             out = tmp / path[len(src) + 1:]
             out.parent.mkdir(parents=True, exist_ok=True)
             with store.fs.open_input_stream(path) as f:
-                out.write_bytes(f.read())
+                out.write_bytes(manifest if path == store.path(rel, st.MANIFEST) else f.read())
         if dest.exists():
             shutil.rmtree(dest)
         tmp.rename(dest)

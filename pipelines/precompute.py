@@ -104,6 +104,8 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
     stage = f"{STAGE}/s{seed}_round{rnd}"
     h = config_hash(cfg, seed, rnd)
     manifest = None if force else st.committed(store, stage, h)
+    if manifest is not None and manifest.get("kept_without"):  # restored by pipelines.keep without its samples
+        manifest = None
     if manifest is None:
         st.begin(store, stage)
         files, cols = write_samples(cfg, store, ingest_manifest, ckpt_path, plan, stage)

@@ -65,3 +65,23 @@ def test_restore_puts_back_what_the_run_lacks_and_leaves_committed_units(tmp_pat
     assert st.committed(fresh, "train/erm_s0", "h1") is not None
     assert keep.restore(kept, fresh) == []
     assert keep.restore(tmp_path / "nothing-kept", fresh) == []
+
+
+def test_precompute_rounds_are_kept_without_their_samples_once_their_model_is_committed(tmp_path):
+    store, kept = _run(tmp_path), tmp_path / "kept"
+    store.write_bytes(b"w", "precompute/s0_round1", "weights.parquet")
+    store.write_bytes(b"images", "precompute/s0_round1", "samples", "part-0.parquet")
+    st.commit(store, "precompute/s0_round1", "h1", files={"samples": ["precompute/s0_round1/samples/part-0.parquet"],
+                                                          "weights": ["precompute/s0_round1/weights.parquet"]})
+    assert "precompute/s0_round1" not in keep.save(store, kept)  # consistency_s0 not trained yet: not kept
+    _unit(store, "train/consistency_s0", {"model.pt": b"c0"})
+    assert keep.save(store, kept) == ["precompute/s0_round1", "train/consistency_s0"]
+    tree = _tree(kept / "precompute")
+    assert set(tree) == {"s0_round1/weights.parquet", "s0_round1/" + st.MANIFEST}
+    m = json.loads(tree["s0_round1/" + st.MANIFEST])
+    assert m["kept_without"] == "samples" and m["files"] == {"samples": [], "weights": [
+        "precompute/s0_round1/weights.parquet"]}
+    assert keep.save(store, kept) == []  # the slim manifest is what is compared
+    fresh = st.Storage(str(tmp_path / "fresh" / "paper"))
+    assert "precompute/s0_round1" in keep.restore(kept, fresh)
+    assert st.committed(fresh, "precompute/s0_round1", "h1")["kept_without"] == "samples"
