@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xai_core.models import build_model, load_state_dict_checked
+from xai_core.models import build_model, load_state_dict_checked, with_weights
 
 
 @dataclass(frozen=True)
@@ -169,15 +169,17 @@ def pick_device(choice: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def make_model(cfg: Any) -> torch.nn.Module:
-    """The configured architecture, with the config's layer choices attached for explain()."""
+def make_model(cfg: Any, pretrained: bool = True) -> torch.nn.Module:
+    """The configured architecture, with the config's layer choices attached for explain(), its input
+    normalisation inside, and model.weights loaded unless ``pretrained`` is False (a checkpoint follows)."""
     arch = cfg.model.arch
     kw: dict[str, Any] = {}
     if arch == "small_resnet":
         kw = {"width": cfg.model.width}
     elif arch == "vit_tiny" or arch.startswith("vit_"):  # a ViT's position embeddings fix its input size
         kw = {"image_size": cfg.data.size}
-    model = build_model(arch, cfg.data.num_classes, **kw)
+    model = with_weights(build_model(arch, cfg.data.num_classes, **kw), arch, cfg.model.weights, cfg.model.normalize,
+                         load=pretrained)
     if cfg.model.layers:
         model.default_layers = list(cfg.model.layers)
     if cfg.model.cam_layer:
@@ -203,7 +205,7 @@ def load_state(data: bytes | str, source: str = "checkpoint") -> dict:
 def load_model(cfg: Any, data: bytes | str, source: str = "checkpoint") -> torch.nn.Module:
     """A model of the configured architecture with weights from a checkpoint, in eval mode."""
     state = load_state(data, source)
-    model = make_model(cfg)
+    model = make_model(cfg, pretrained=False)
     try:
         load_state_dict_checked(model, state["model"] if "model" in state else state)
     except ValueError as e:

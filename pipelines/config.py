@@ -89,6 +89,22 @@ class ModelConfig(_Section):
     width: int = Field(16, ge=4, le=256)
     layers: list[str] | None = None  # TIF/HAF layers; None -> the model's default_layers
     cam_layer: str | None = None
+    # initial weights: a torchvision weights name of the arch (e.g. IMAGENET1K_V2; downloaded to torch's cache
+    # where the machine may download) or a local state-dict file (.pt/.pth); the classifier head is fresh when
+    # its number of classes differs. Checked before Ray starts.
+    weights: str | None = None
+    # the input normalisation inside the model (inputs, attributions, PGD eps and masks stay in [0,1] pixels):
+    # auto = ImageNet statistics when model.weights is set, none otherwise
+    normalize: Literal["auto", "imagenet", "none"] = "auto"
+
+    @model_validator(mode="after")
+    def _weights_exist(self) -> ModelConfig:
+        if self.weights is None:
+            return self
+        from xai_core.models import weights_source
+
+        weights_source(self.arch, self.weights)  # ValueError naming the file or the allowed names
+        return self
 
     @field_validator("arch")
     @classmethod
@@ -312,6 +328,7 @@ class Config(_Section):
 # Keys added after runs were committed: at their default they stay out of every hash (a committed stage stays
 # valid when the code learns an option it did not use); set to anything else, they enter it.
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False, "root": None, "val_fraction": 0.1},
+                                             "model": {"weights": None, "normalize": "auto"},
                                              "train": {"loss": "ce"}}
 
 

@@ -409,7 +409,7 @@ def random_models(cfg: Any, store: st.Storage) -> dict[str, str]:
     for seed in cfg.train.seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            state = make_model(cfg).state_dict()
+            state = make_model(cfg, pretrained=False).state_dict()
         key = f"random_s{seed}"
         paths[key] = f"{STAGE}/models/{key}.pt"
         store.write_bytes(state_bytes({"model": state}), paths[key])

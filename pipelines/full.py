@@ -138,6 +138,10 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
     from pipelines.tracking import Tracker, git_revision, redact, tracking_uri
 
     t0 = time.time()
+    if cfg.model.weights is not None:  # a checkpoint for another architecture fails here, before Ray starts
+        from pipelines.common import make_model
+
+        make_model(cfg)
     store = st.from_config(cfg)
     uri = tracking_uri(cfg.tracking.uri)
     tracker = Tracker(uri, cfg.tracking.experiment)  # fails fast on an unreachable server

@@ -165,6 +165,111 @@ def build_model(arch: str, num_classes: int, **kw: object) -> nn.Module:
     return model
 
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def normalize_inputs(model: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> nn.Module:
+    """Put the input normalisation inside ``model``: its forward subtracts ``mean`` and divides by ``std``
+    per channel before anything else, so callers (attributions, PGD eps, masks) stay in [0,1] pixel space.
+    Module names are unchanged (the layer defaults still hold) and the statistics are non-persistent buffers
+    (a torchvision state dict still loads strictly). Applied to a model once."""
+    if len(mean) != len(std) or any(v <= 0 for v in std):
+        raise ValueError(f"normalisation needs as many means as stds, stds > 0; got mean={mean}, std={std}")
+    if getattr(model, "input_mean", None) is not None:
+        raise ValueError(f"{type(model).__name__} already normalises its inputs")
+    base = type(model)
+
+    def forward(self: nn.Module, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return base.forward(self, (x - self.input_mean) / self.input_std, *args, **kwargs)
+
+    model.__class__ = type(f"Normalized{base.__name__}", (base,), {"forward": forward, "__module__": base.__module__})
+    model.register_buffer("input_mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+    model.register_buffer("input_std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+    return model
+
+
+def head_name(model: nn.Module) -> str:
+    """The classifier head: the last nn.Linear of the model (fc, heads.head, classifier.N, ...)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier head")
+    return names[-1]
+
+
+def load_backbone(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> list[str]:
+    """Load a (pretrained) state dict into ``model``; the classifier head's tensors are skipped when their
+    shape differs (another number of classes) and returned; any other missing, unexpected or mis-shaped key
+    is a ValueError naming ``source`` (a checkpoint for another architecture)."""
+    own = model.state_dict()
+    head = head_name(model)
+    skipped = [k for k, v in state_dict.items() if k.startswith(f"{head}.") and k in own
+               and tuple(v.shape) != tuple(own[k].shape)]
+    kept = {k: v for k, v in state_dict.items() if k not in skipped}
+    kept.update({k: own[k] for k in skipped})
+    try:
+        load_state_dict_checked(model, kept)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    return skipped  # the head keeps the fresh model's initialisation
+
+
+def weights_source(arch: str, weights: str) -> tuple[str, object]:
+    """("file", path) for a local state-dict file, ("torchvision", the weights enum member) for a torchvision
+    weights name of ``arch``; ValueError naming the value and what is allowed. Downloads nothing."""
+    from pathlib import Path
+
+    if weights.endswith((".pt", ".pth", ".bin")) or "/" in weights or Path(weights).exists():
+        p = Path(weights).expanduser()
+        if not p.is_file():
+            raise ValueError(f"model.weights file {str(p)!r} not found (a state-dict file, or a torchvision "
+                             f"weights name such as IMAGENET1K_V1)")
+        return "file", p
+    if arch in ("small_resnet", "vit_tiny"):
+        raise ValueError(f"model.weights={weights!r}: {arch} has no published weights; give a state-dict file")
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except ValueError:
+        raise ValueError(f"model.weights={weights!r}: torchvision has no weights for {arch!r}") from None
+    names = [w.name for w in enum]
+    if weights not in names and weights != "DEFAULT":
+        raise ValueError(f"model.weights={weights!r} is not a weights name of {arch}: allowed {', '.join(names)}, "
+                         f"DEFAULT, or a state-dict file")
+    return "torchvision", enum[weights] if weights != "DEFAULT" else enum.DEFAULT
+
+
+def with_weights(model: nn.Module, arch: str, weights: str | None, normalize: str = "auto",
+                 load: bool = True) -> nn.Module:
+    """``model`` (from build_model) with its initial weights loaded (``weights_source``; not if ``load`` is
+    False: a trained checkpoint or a re-initialised baseline follows) and its input normalisation inside
+    (``normalize``: "auto" = ImageNet statistics when weights are given, "imagenet", "none"); a torchvision
+    weights name uses that weights' own statistics."""
+    if normalize not in ("auto", "imagenet", "none"):
+        raise ValueError(f"normalize={normalize!r}: allowed values are 'auto', 'imagenet', 'none'")
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    kind, src = weights_source(arch, weights) if weights is not None else (None, None)
+    if kind == "torchvision":
+        t = src.transforms()
+        mean, std = tuple(t.mean), tuple(t.std)
+    if load and kind == "file":
+        try:
+            sd = torch.load(src, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unpickling error: name the file
+            raise ValueError(f"model.weights file {str(src)!r} is not a torch state dict ({e})") from None
+        for key in ("state_dict", "model"):  # common checkpoint wrappers
+            if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+                sd = sd[key]
+        if not isinstance(sd, dict):
+            raise ValueError(f"model.weights file {str(src)!r} holds a {type(sd).__name__}, not a state dict")
+        load_backbone(model, sd, f"model.weights file {str(src)!r}")
+    elif load and kind == "torchvision":
+        load_backbone(model, src.get_state_dict(progress=False), f"model.weights {src}")
+    if normalize == "imagenet" or (normalize == "auto" and weights is not None):
+        normalize_inputs(model, mean, std)
+    return model
+
+
 def _torchvision_layers(arch: str, model: nn.Module) -> tuple[list[str], str | None]:
     """Stage-output layer names of a torchvision model: known families by name, else by a dry forward."""
     names = dict(model.named_modules())
