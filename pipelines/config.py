@@ -14,7 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (site-packages when installed: nothing lives there)
+CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped configs, inside the package
 STAGES = ("ingest", "train", "sweep", "evaluate", "report")
 MODES = ("erm", "consistency", "scaat")
 EVAL_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradcam",
@@ -392,15 +393,23 @@ def _section_for(loc: tuple) -> type[BaseModel] | None:
     return model
 
 
+def resolve_config(path: str | Path) -> Path:
+    """A config path as given, or a shipped config by name ("quick", "paper.yaml") when no such file exists."""
+    p = Path(path)
+    if not p.is_file() and len(p.parts) == 1 and (CONFIGS / f"{p.stem}.yaml").is_file() and p.suffix in ("", ".yaml"):
+        return CONFIGS / f"{p.stem}.yaml"
+    return p
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Load a YAML config (or the defaults), apply overrides, validate; ConfigError names bad keys."""
     data: dict = {}
     source = "defaults"
     if path is not None:
-        p = Path(path)
+        p = resolve_config(path)
         if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist; shipped configs: "
-                              f"{', '.join(sorted(x.name for x in (ROOT / 'configs').glob('*.yaml')))}")
+            raise ConfigError(f"config file {str(p)!r} does not exist; shipped configs (by name or path): "
+                              f"{', '.join(sorted(x.stem for x in CONFIGS.glob('*.yaml')))}")
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:

@@ -39,7 +39,6 @@ from pipelines import storage as st  # noqa: E402
 
 log = logging.getLogger("xai")
 LEFT_OUT = ("ingest", "report")
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def units(store: st.Storage) -> list[str]:
@@ -152,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     store = st.from_config(cfg)
-    kept = args.dir or ROOT / "artifacts" / cfg.name
+    kept = args.dir or Path.cwd() / "artifacts" / cfg.name
     did = save(store, kept) if args.action == "save" else restore(kept, store)
     where = f"{store.root_uri} -> {kept}" if args.action == "save" else f"{kept} -> {store.root_uri}"
     log.info("keep %s (%s): %d unit(s)%s", args.action, where, len(did), "".join(f"\n  {u}" for u in did))

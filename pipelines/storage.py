@@ -161,10 +161,11 @@ class Storage:
 
 
 def from_config(cfg: Any) -> Storage:
-    """Storage for a pipeline Config's ``storage`` section, rooted at <uri>/<run name>."""
+    """Storage for a pipeline Config's ``storage`` section, rooted at <uri>/<run name>; a relative local
+    uri is relative to the current directory (where the user runs, also for an installed package)."""
     uri = cfg.storage.uri
     if not uri.startswith("s3://") and not os.path.isabs(uri):
-        uri = str(Path(__file__).resolve().parents[1] / uri)
+        uri = str(Path.cwd() / uri)
     return Storage(f"{uri.rstrip('/')}/{cfg.name}", cfg.storage.s3_endpoint, cfg.storage.s3_region,
                    cfg.storage.driver_io_mb)
 

@@ -6,9 +6,11 @@ by tags, so a rerun of the same config continues the same parent run instead of 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,14 +21,18 @@ SECRET_PATTERN = re.compile(r"(secret|password|passwd|token|credential|access_ke
 REDACTED = "***"
 
 
+KIND_TAG = "mlflow.experimentKind"
+
+
 def tracking_uri(configured: str | None) -> str:
-    """The config's URI, else an absolute sqlite file in the repo root (workers change cwd)."""
+    """The config's URI, else mlflow.db in the current directory; a relative sqlite path is made absolute
+    (relative to the current directory) here, on the driver: workers run elsewhere."""
     if configured:
         if configured.startswith("sqlite:///") and not configured.startswith("sqlite:////"):
             rel = configured[len("sqlite:///"):]
-            return f"sqlite:///{(ROOT / rel).resolve()}"
+            return f"sqlite:///{(Path.cwd() / rel).resolve()}"
         return configured
-    return f"sqlite:///{ROOT / 'mlflow.db'}"
+    return f"sqlite:///{Path.cwd() / 'mlflow.db'}"
 
 
 def redact(obj: Any, key: str = "") -> Any:
@@ -103,6 +109,21 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or KIND_TAG not in exp.tags:
+            # MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview
+            self.client.set_experiment_tag(self.experiment_id, KIND_TAG, "custom_model_development")
+        entry = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "xai_ray"
+        self.source_tags = {"mlflow.source.name": entry, "mlflow.source.type": "JOB",
+                            "mlflow.source.git.commit": git_revision()}
+
+    def log_dataset(self, run_id: str, name: str, digest: str, source: str, rows: int, context: str) -> None:
+        """Record a dataset as an MLflow input of a run (the UI's Dataset column): its name, digest (the
+        ingest key), where its Parquet files are and its row count; ``context`` e.g. "training"."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest, source_type="s3" if source.startswith("s3://") else "local",
+                     source=json.dumps({"uri": source}), profile=json.dumps({"num_rows": rows}))
+        self.client.log_inputs(run_id, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
 
     def find_or_create(self, name: str, tags: dict[str, str], parent_id: str | None = None) -> str:
         """A run with these tags (and parent) that already exists, else a new one; returns its id."""
@@ -116,7 +137,7 @@ class Tracker:
             if found[0].info.status != "RUNNING":
                 self.client.update_run(run_id, status="RUNNING")
             return run_id
-        all_tags = dict(tags)
+        all_tags = {**self.source_tags, **tags}
         if parent_id:
             all_tags["mlflow.parentRunId"] = parent_id
         return self.client.create_run(self.experiment_id, run_name=name, tags=all_tags).info.run_id

@@ -423,6 +423,10 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
                 continue
             run_id = tracker.find_or_create(f"train/{key}", {"xai.stage": "train", "xai.model": key},
                                             parent_id=stage_run)
+            for split, context in (("train", "training"), ("val", "validation")):
+                if ingest_manifest["files"].get(split):
+                    tracker.log_dataset(run_id, f"{cfg.name}-{cfg.data.source}-{split}", ingest_manifest["config_hash"],
+                                        store.uri(ingest.STAGE, split), ingest_manifest["rows"][split], context)
             tracker.log_params(run_id, {"mode": mode, "seed": seed, "train": cfg.train.model_dump(),
                                         mode: getattr(cfg, mode).model_dump() if mode != "erm" else {}})
             common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan, "val": val}

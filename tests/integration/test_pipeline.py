@@ -96,6 +96,13 @@ def test_mlflow_holds_parent_nested_runs_metrics_images_and_models(smoke_run):
     models = by_parent[children["train"].info.run_id]
     assert {"train/erm_s0", "train/consistency_s0", "train/scaat_s0"} <= set(models)
     erm = next(r for r in runs if r.info.run_name == "train/erm_s0")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"  # MLflow 3's model-training view
+    assert erm.data.tags["mlflow.source.git.commit"] == parent.data.tags["git_revision"]
+    ingest_key = json.loads((smoke_run["store"] / "ingest" / "_manifest.json").read_text())["config_hash"]
+    inputs = {(d.dataset.name, d.dataset.digest, json.loads(d.dataset.profile)["num_rows"], d.tags[0].value)
+              for d in erm.inputs.dataset_inputs}
+    assert inputs == {("smoke-biased_shapes-train", ingest_key, 192, "training"),
+                      ("smoke-biased_shapes-val", ingest_key, 32, "validation")}
     hist = client.get_metric_history(erm.info.run_id, "loss")
     assert [m.step for m in hist] == [1, 2]
     cons = next(r for r in runs if r.info.run_name == "train/consistency_s0")

@@ -30,8 +30,9 @@ def test_rayjob_has_entrypoint_cluster_spec_and_shm():
     job = yaml.safe_load((ROOT / "cluster/kuberay-rayjob.yaml").read_text())
     assert job["apiVersion"] == "ray.io/v1" and job["kind"] == "RayJob"
     spec = job["spec"]
-    assert "pipelines/full.py" in spec["entrypoint"]
-    yaml.safe_load(spec["runtimeEnvYAML"])
+    cmd = spec["entrypoint"].split()
+    assert cmd[:3] == ["xai-ray", "run", "--config"] and (ROOT / "pipelines" / "configs" / f"{cmd[3]}.yaml").is_file()
+    assert "working_dir" not in yaml.safe_load(spec["runtimeEnvYAML"])  # the image holds the installed package
     cluster = spec["rayClusterSpec"]
     assert cluster["rayVersion"].startswith(_ray_pin())
     pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
@@ -49,3 +50,19 @@ def test_rayjob_has_entrypoint_cluster_spec_and_shm():
 def test_runtime_env_parses():
     env = yaml.safe_load((ROOT / "cluster/runtime_env.yaml").read_text())
     assert env["working_dir"] == "." and ".venv" in env["excludes"]
+
+
+def test_the_rayjob_image_is_built_by_the_dockerfile():
+    """cluster/Dockerfile: FROM the pinned Ray's GPU image, the package installed, the console script there;
+    the RayJob runs that image (tag as the Dockerfile's build line names it)."""
+    docker = (ROOT / "cluster/Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{_ray_pin()}" in docker and "-py311-gpu" in docker
+    assert "pip install --no-cache-dir /home/ray/src" in docker and "xai-ray configs" in docker
+    tag = re.search(r"docker build -f cluster/Dockerfile -t REGISTRY/(\S+) \.", docker)[1]
+    job = yaml.safe_load((ROOT / "cluster/kuberay-rayjob.yaml").read_text())
+    cluster = job["spec"]["rayClusterSpec"]
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    assert {c["image"].split("/", 2)[-1] for p in pods for c in p["containers"]} == {tag}
+    for path in re.findall(r"^COPY \S+ (.+) /home/ray/src", docker, re.M):
+        for name in path.split():
+            assert (ROOT / name).exists(), name

@@ -56,8 +56,9 @@ def test_rounds_must_fit_in_epochs():
 
 
 def test_missing_and_malformed_files(tmp_path: Path):
-    with pytest.raises(ConfigError, match="does not exist; shipped configs: .*smoke.yaml"):
+    with pytest.raises(ConfigError, match=r"does not exist; shipped configs \(by name or path\): .*quick, smoke"):
         load_config(tmp_path / "nope.yaml")
+    assert load_config("smoke").name == "smoke" and load_config("quick.yaml").name == "quick"  # by name
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -129,3 +130,15 @@ def test_dataset_sources_take_their_classes_from_the_data(tmp_path: Path):
     assert ok.data.num_classes == 20
     with pytest.raises(ConfigError, match=r"data.num_classes=7: biased_shapes draws at most 6 shapes"):
         load_config(ROOT / "configs/smoke.yaml", ["data.num_classes=7"])
+
+
+@pytest.mark.parametrize("name", ["cub", "waterbirds", "voc"])
+def test_dataset_configs_validate_with_a_root_and_name_it_without(name, tmp_path: Path):
+    from tests import _datasets
+
+    with pytest.raises(ConfigError, match=rf"data.root must name the {name} dataset's folder"):
+        load_config(ROOT / "configs" / f"{name}.yaml")
+    root = getattr(_datasets, f"write_{name}")(tmp_path)
+    cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"data.root={root}"])
+    assert cfg.data.num_classes == {"cub": 3, "waterbirds": 2, "voc": 20}[name]
+    assert cfg.model.arch == "resnet50" and cfg.model.weights == "IMAGENET1K_V2" and cfg.data.size == 224
