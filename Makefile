@@ -28,6 +28,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.metrics
 	$(BIN)/python -m bench.stages
 	$(BIN)/python -m bench.reads
+	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.evaluate
 	$(BIN)/python -m bench.training
 	$(BIN)/python -m bench.passes

@@ -16,7 +16,6 @@ import numpy as np
 
 from pipelines import storage as st
 from pipelines.common import in_order
-from pipelines.config import DATASETS
 
 log = logging.getLogger("xai.ingest")
 STAGE = "ingest"
@@ -56,22 +55,31 @@ def decode_batch(batch: dict[str, np.ndarray], size: int, num_classes: int, mult
     return out
 
 
-def _dataset_splits(cfg: Any, store: st.Storage) -> tuple[dict[str, list[str]], dict[str, int], list]:
-    """cub / waterbirds / voc: list the records here (index files and image headers only), then decode,
-    resize and write them as Parquet in Ray Data tasks, streaming: the driver never holds the images."""
+def listing(cfg: Any) -> Any:
+    """The configured real dataset (cub / waterbirds / voc / an image folder) as a datasets.Listing."""
+    from xai_core.data.datasets import READERS
+
+    d = cfg.data
+    if d.source == "folder":
+        return _folder_listing(cfg)
+    kw: dict[str, Any] = {"on_bad_input": d.on_bad_input}
+    if d.source != "waterbirds":
+        kw.update(val_fraction=d.val_fraction, seed=d.seed)
+    return READERS[d.source](d.root, **kw)
+
+
+def _dataset_splits(cfg: Any, store: st.Storage, listing: Any) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """Records listed on the driver (index files and image headers; an image folder's images checked), then
+    decoded, resized and written as Parquet in Ray Data tasks, streaming: the driver never holds the images."""
     import dataclasses
     import json
     from functools import partial
 
     import ray.data
 
-    from xai_core.data.datasets import READERS, SPLITS
+    from xai_core.data.datasets import SPLITS
 
     d = cfg.data
-    kw: dict[str, Any] = {"on_bad_input": d.on_bad_input}
-    if d.source != "waterbirds":
-        kw.update(val_fraction=d.val_fraction, seed=d.seed)
-    listing = READERS[d.source](d.root, **kw)
     files, rows = {}, {}
     for split in SPLITS:
         recs = listing.records[split]
@@ -85,7 +93,7 @@ def _dataset_splits(cfg: Any, store: st.Storage) -> tuple[dict[str, list[str]], 
         files[split] = _files_in_idx_order(store, split)
         rows[split] = len(recs)
         log.info("ingest: %s split, %d rows in %d shard(s)", split, rows[split], len(files[split]))
-    return files, rows, listing.skipped
+    return files, rows
 
 
 def _files_in_idx_order(store: st.Storage, split: str) -> list[str]:
@@ -117,36 +125,41 @@ def _synthetic_splits(cfg: Any) -> dict[str, dict[str, np.ndarray]]:
     return {k: v.arrays() for k, v in splits.items()}
 
 
-def _folder_splits(cfg: Any) -> tuple[dict[str, dict[str, np.ndarray]], list]:
-    from xai_core.data.folders import ImageFolderWithMasks
+def _folder_listing(cfg: Any) -> Any:
+    """An image folder as a datasets.Listing: every image checked here (decoded once, nothing kept: bad
+    input is named or skipped before any work), test = data.test_fraction, val = data.val_fraction of the
+    rest (never out of test), seeded by data.seed; decoded and written like the other datasets."""
+    from xai_core.data.datasets import Listing, Record
+    from xai_core.data.folders import NO_BOX, ImageFolderWithMasks
 
     d = cfg.data
-    ds = ImageFolderWithMasks(d.folder, size=d.size, mask_dir=d.mask_dir, boxes_file=d.boxes_file,
-                              on_bad_input=d.on_bad_input)
+    ds = ImageFolderWithMasks(d.folder, mask_dir=d.mask_dir, boxes_file=d.boxes_file, on_bad_input=d.on_bad_input)
     if len(ds) == 0:
         raise ValueError(f"data.folder {d.folder!r} holds no readable images")
     if len(ds.classes) > d.num_classes:
         raise ValueError(f"data.folder {d.folder!r} has {len(ds.classes)} classes {ds.classes} but "
                          f"data.num_classes={d.num_classes}; set data.num_classes={len(ds.classes)}")
-    items = [ds[i] for i in range(len(ds))]
-    arrays = {
-        "image": np.stack([(it["image"].numpy() * 255).round().astype(np.uint8) for it in items]),
-        "label": np.array([it["label"] for it in items], np.int64),
-        "mask": np.stack([it["mask"].numpy().astype(bool) for it in items]),
-        "box": np.array([list(it["box"]) for it in items], np.int64),
-        "background": np.full(len(items), -1, np.int64),
-        "group": np.full(len(items), -1, np.int64),
-    }
-    perm = np.random.default_rng(d.seed).permutation(len(items))
-    n_test = max(1, int(round(d.test_fraction * len(items))))
+    perm = np.random.default_rng(d.seed).permutation(len(ds))
+    n_test = max(1, int(round(d.test_fraction * len(ds))))
     test, rest = perm[:n_test], perm[n_test:]
     n_val = max(1, int(round(d.val_fraction * len(rest))))
     val, train = rest[:n_val], rest[n_val:]  # validation held out of train, never out of test
     if len(train) == 0:
-        raise ValueError(f"data.folder {d.folder!r} has {len(items)} images: too few to split "
+        raise ValueError(f"data.folder {d.folder!r} has {len(ds)} images: too few to split "
                          f"with test_fraction={d.test_fraction} and val_fraction={d.val_fraction}")
-    pick = lambda idx: {k: v[np.sort(idx)] for k, v in arrays.items()}  # noqa: E731
-    return {"train": pick(train), "val": pick(val), "test": pick(test)}, list(ds.skipped)
+
+    def record(i: int, split: str) -> Record:
+        rel, label = ds.samples[i]
+        box = ds.boxes.get(rel, NO_BOX)
+        mask = ds._mask_path(rel)
+        return Record(path=str(ds.root / rel), split=split, where=f"{ds.root / rel}", label=label,
+                      boxes=(tuple(float(v) for v in box),) if box != NO_BOX else (),
+                      box_classes=(label,) if box != NO_BOX else (),
+                      mask_path=str(mask) if mask is not None else None, mask_threshold=1)
+
+    records = {name: [record(int(i), name) for i in np.sort(idx)]
+               for name, idx in (("train", train), ("val", val), ("test", test))}
+    return Listing("folder", list(ds.classes), records, skipped=list(ds.skipped))
 
 
 def _validate(split: str, arrays: dict[str, np.ndarray], num_classes: int) -> None:
@@ -326,16 +339,14 @@ def run(cfg: Any, store: st.Storage, force: bool = False) -> tuple[dict, bool]:
     h = config_hash(cfg)
     if not force and (m := st.committed(store, STAGE, h)):
         return m, False
-    if cfg.data.source in DATASETS:
+    if cfg.data.source != "biased_shapes":
+        found = listing(cfg)  # bad input fails here, before the committed ingest is touched
         st.begin(store, STAGE)
-        files, rows, skipped = _dataset_splits(cfg, store)
-        manifest = st.commit(store, STAGE, h, rows=rows, files=files, source=cfg.data.source,
-                             skipped=[{"path": p, "reason": r} for p, r in skipped])
+        files, rows = _dataset_splits(cfg, store, found)
+        manifest = st.commit(store, STAGE, h, rows=rows, files=files, source=cfg.data.source, classes=found.classes,
+                             skipped=[{"path": p, "reason": r} for p, r in found.skipped])
         return manifest, True
-    if cfg.data.source == "biased_shapes":
-        splits, skipped = _synthetic_splits(cfg), []
-    else:
-        splits, skipped = _folder_splits(cfg)
+    splits, skipped = _synthetic_splits(cfg), []
     for name, arrays in splits.items():
         _validate(name, arrays, cfg.data.num_classes)
     st.begin(store, STAGE)

@@ -246,7 +246,7 @@ def test_corrupt_image_skip_records_it_and_fail_names_it_without_touching_the_co
     manifest, did = ingest.run(cfg, store)
     assert did and [s["path"] for s in manifest["skipped"]] == ["dog/broken.png"]
     assert "unreadable image" in manifest["skipped"][0]["reason"]
-    assert sum(manifest["rows"][s] for s in ("train", "test")) == 20  # every good image, once
+    assert sum(manifest["rows"][s] for s in ("train", "val", "test")) == 20  # every good image, once
     committed = (tmp_path / "runs" / "smoke" / "ingest" / "_manifest.json").read_bytes()
     files_before = sorted(p.relative_to(tmp_path / "runs") for p in (tmp_path / "runs").rglob("*"))
 

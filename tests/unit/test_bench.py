@@ -161,3 +161,13 @@ def test_measure_alternates_the_order_and_drops_the_warmup():
     out = measure({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=2, warmup=1)
     assert "".join(calls) == "abccbaabc"
     assert all(len(v["times_s"]) == 2 and v["median_s"] >= 0 for v in out.values())
+
+
+@pytest.mark.bench
+def test_ingest_tiny(tmp_path):
+    from bench import ingest
+
+    data = ingest.main(["--tiny", "--out-dir", str(tmp_path)])
+    assert [r["cpus"] for r in data["rows"]] == [1, 2] and all(r["images"] == 200 for r in data["rows"])
+    assert all(_positive_finite(float(r["images_per_s"])) and _positive_finite(float(r["peak_driver_mib"]))
+               for r in data["rows"])

@@ -60,7 +60,8 @@ class Record:
     boxes: tuple[Box, ...] = ()
     box_classes: tuple[int, ...] = ()
     difficult_classes: tuple[int, ...] = ()  # multi-label: classes whose objects are all "difficult"
-    mask_path: str | None = None  # binary object mask (CUB)
+    mask_path: str | None = None  # object mask (CUB: 0..255 annotator votes; an image folder's: nonzero)
+    mask_threshold: int = 128  # a mask pixel >= this (in 0..255, after conversion to L) is object
     seg_path: str | None = None  # VOC SegmentationClass PNG
     background: int = -1
     group: int = -1
@@ -387,7 +388,7 @@ def load_record(rec: Record, size: int, num_classes: int, multilabel: bool = Fal
 
     if rec.mask_path is not None:
         with Image.open(rec.mask_path) as m:
-            mask = _resized(m.convert("L"), size, Image.Resampling.NEAREST) >= 128
+            mask = _resized(m.convert("L"), size, Image.Resampling.NEAREST) >= rec.mask_threshold
     else:
         mask = box_mask([i for i, c in enumerate(rec.box_classes) if c == rec.label])
     out = {"image": image, "label": np.int64(rec.label), "mask": mask,
