@@ -202,6 +202,9 @@ class EvaluateConfig(_Section):
     detection_images: int = Field(128, ge=0)  # METHODS §3b; 0 turns it off
     randomisation_images: int = Field(16, ge=0)  # METHODS §6 sanity check; 0 turns it off
     figure_images: int = Field(4, ge=1, le=16)
+    # WSOL (CUB, ...): per method row, the best contour-box IoU at each of the 256 map levels (box_iou_levels),
+    # from which the report computes MaxBoxAccV2 over the test split; images without a box get NaN
+    wsol_boxes: bool = False
 
     @field_validator("methods")
     @classmethod
@@ -330,6 +333,7 @@ class Config(_Section):
 # valid when the code learns an option it did not use); set to anything else, they enter it.
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False, "root": None, "val_fraction": 0.1},
                                              "model": {"weights": None, "normalize": "auto"},
+                                             "evaluate": {"wsol_boxes": False},
                                              "train": {"loss": "ce"}}
 
 

@@ -254,11 +254,28 @@ class EvalActor:
                         "pxap": pxap(m, maskp), "iou": localisation_iou(m, maskp), "gini": gini(m),
                         "deletion_auc": auc[(method, "deletion")], "insertion_auc": auc[(method, "insertion")],
                         "deletion_auc_random": auc["random"], "wsss_miou": wsss_miou(m, maskp), "correct": correct}
+                if pairs is not None:  # TorchRay's per-class pointing game: strictly within the tolerance
+                    cols["pointing_game_strict"] = pointing_game(m, maskp, strict=True)
+                if "difficult" in t and pairs is not None:  # VOC: the class's objects are all "difficult"
+                    cols["difficult"] = t["difficult"][pairs.image.to(self.device), pairs.target.to(self.device)]
                 rows = self._rows(pair_batch, key, method, cols)
+                if e.wsol_boxes and pairs is None:
+                    rows["box_iou_levels"] = self._box_levels(m, t["box"])
                 rows["deletion_curve"] = curves[(method, "deletion")].float().cpu().numpy()
                 rows["insertion_curve"] = curves[(method, "insertion")].float().cpu().numpy()
                 out.append(rows)
         return _concat(out + rest_rows)
+
+    @staticmethod
+    def _box_levels(maps: torch.Tensor, boxes: torch.Tensor) -> np.ndarray:
+        """box_iou_levels [B,256] of the images with a box (x0 >= 0), NaN rows for the others."""
+        from xai_core.metrics import box_iou_levels
+
+        out = np.full((len(maps), 256), np.nan, np.float32)
+        has = (boxes >= 0).all(1)
+        if bool(has.any()):
+            out[has.cpu().numpy()] = box_iou_levels(maps[has], boxes[has]).float().cpu().numpy()
+        return out
 
     def _dwsol(self, batch: dict) -> dict:
         from pipelines.common import to_tensors

@@ -244,6 +244,19 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     if ml is not None:
         tables["Multi-label: mAP and top-1 accuracy (attribution rows above are per (image, class) pair, "
                "against that class's mask: a per-class pointing game)"] = ml
+    from pipelines.results import group_weighted_accuracy, pointing_game_table, wsol_table
+
+    if (wt := wsol_table(test)) is not None:
+        tables["WSOL: MaxBoxAcc (IoU 0.3/0.5/0.7) and MaxBoxAccV2 with a bootstrap 95% CI over images "
+               "(Choe et al. CVPR 2020)"] = wt
+    if (pt := pointing_game_table(test, cfg.data.num_classes)) is not None:
+        tables["Per-class pointing game, TorchRay's protocol (classes whose objects are all difficult left out; "
+               "published reference on VOC07 test with ResNet-50, another split than VOC 2012 val: Grad-CAM "
+               "90.4 all / 82.3 difficult)"] = pt
+    if cfg.data.source == "waterbirds":
+        groups = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["group"])["group"]
+        if (gt := group_weighted_accuracy(test, groups)) is not None:
+            tables["Groups: worst-group accuracy and the average weighted by the training groups"] = gt
     if "dwsol" in eval_manifest["files"]:
         tables["D-WSOL (METHODS §3a)"] = metric_table(evaluate.read_frame(store, eval_manifest, "dwsol"),
                                                       DWSOL_METRICS)

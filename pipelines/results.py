@@ -124,6 +124,73 @@ def multilabel_table(df: Any) -> Any | None:
     return pd.DataFrame(rows).set_index("model")
 
 
+def wsol_table(df: Any, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Any | None:
+    """WSOL (``evaluate.wsol_boxes``): per model and method, MaxBoxAcc at IoU 0.3/0.5/0.7 and MaxBoxAccV2 over
+    the test images with a box (clovaai/wsolevaluation's protocol: the best of the CAM threshold grid), with a
+    percentile bootstrap 95% CI of MaxBoxAccV2 over images (seeded); None without ``box_iou_levels`` rows."""
+    import pandas as pd
+
+    from xai_core.metrics.boxes import IOU_THRESHOLDS, LEVELS, default_cam_thresholds
+
+    if "box_iou_levels" not in df.columns:
+        return None
+    used = np.unique(np.floor(default_cam_thresholds().numpy() * 255).astype(int).clip(0, LEVELS - 1))
+    rng = np.random.default_rng(seed)
+    rows = []
+    for (model, method), g in df[df.method != "none"].groupby(["model", "method"]):
+        lv = np.stack([np.asarray(v, np.float64) for v in g["box_iou_levels"]])
+        lv = lv[~np.isnan(lv).any(1)][:, used]
+        if not len(lv):
+            continue
+        hits = (lv[:, None, :] >= np.asarray(IOU_THRESHOLDS)[None, :, None]).astype(np.float64)  # [N,D,L]
+        acc = hits.mean(0).max(-1)  # [D]
+        counts = rng.multinomial(len(lv), np.full(len(lv), 1 / len(lv)), size=n_resamples)  # image resamples
+        boot = (np.tensordot(counts, hits, axes=(1, 0)) / len(lv)).max(-1).mean(-1)  # [R] MaxBoxAccV2
+        lo, hi = np.percentile(boot, [2.5, 97.5])
+        rows.append({"model": model, "method": method, "images": len(lv),
+                     **{f"MaxBoxAcc@{round(d * 100)}": a for d, a in zip(IOU_THRESHOLDS, acc)},
+                     "MaxBoxAccV2": acc.mean(), "CI95_low": lo, "CI95_high": hi})
+    return pd.DataFrame(rows).set_index(["model", "method"]) if rows else None
+
+
+def pointing_game_table(df: Any, num_classes: int) -> Any | None:
+    """Multi-label pairs with ``pointing_game_strict``: per model and method, TorchRay's per-class pointing game
+    (strictly within the tolerance; a class whose objects in the image are all "difficult" left out), its mean
+    over the classes that occur (TorchRay averages all classes, 0 for one never counted) and the pairs counted."""
+    import pandas as pd
+
+    if "pointing_game_strict" not in df.columns:
+        return None
+    rows = []
+    for (model, method), g in df[(df.method != "none") & df.pointing_game_strict.notna()].groupby(["model", "method"]):
+        if "difficult" in g.columns:
+            g = g[g.difficult.fillna(0) < 0.5]
+        per_class = g.groupby("label").pointing_game_strict.mean().reindex(range(num_classes))
+        rows.append({"model": model, "method": method, "pairs": len(g), "mean_over_classes": per_class.mean(),
+                     **{f"class{k}": v for k, v in per_class.items()}})
+    return pd.DataFrame(rows).set_index(["model", "method"]) if rows else None
+
+
+def group_weighted_accuracy(df: Any, train_groups: np.ndarray) -> Any | None:
+    """Per model: test accuracy per group, the worst group, the mean accuracy and the average weighted by the
+    training split's group shares (the debiasing literature's "average accuracy" on Waterbirds); None
+    without groups."""
+    import pandas as pd
+
+    acc = df[df.method == "none"]
+    if "group" not in acc.columns or (acc.group < 0).all() or not len(train_groups):
+        return None
+    share = pd.Series(train_groups).value_counts(normalize=True)
+    rows = []
+    for model, g in acc[acc.group >= 0].groupby("model"):
+        per = g.groupby("group").correct.mean()
+        rows.append({"model": model, "images": len(g), "mean_acc": g.correct.mean(), "worst_group_acc": per.min(),
+                     "train_weighted_acc": float((per * share.reindex(per.index).fillna(0)).sum()
+                                                 / share.reindex(per.index).fillna(0).sum()),
+                     **{f"group{int(k)}": v for k, v in per.items()}})
+    return pd.DataFrame(rows).set_index("model")
+
+
 def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, sweep: dict | None,
                      command: str, rounds: list[dict] | None = None) -> str:
     """The whole RESULTS.md text."""

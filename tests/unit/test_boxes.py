@@ -133,6 +133,20 @@ def test_default_grid_is_the_references_and_v2_is_the_mean_of_three():
     assert max_box_acc_v2(torch.from_numpy(maps), boxes) == pytest.approx(ref.mean(0).max(-1).mean())
 
 
+def test_levels_rows_give_the_same_max_box_acc_as_the_hits():
+    from xai_core.metrics import box_iou_levels, max_box_acc_from_levels
+
+    maps, (boxes, lists) = _maps(5, 10, 22, 26), _boxes(5, 10, 22, 26)
+    m = torch.from_numpy(maps)
+    levels = box_iou_levels(m, boxes)
+    for grid in (None, torch.from_numpy(np.arange(0, 1, 0.01)), torch.tensor([0.0, 0.3, 0.95])):
+        want = max_box_acc(box_hits(m, boxes, grid))
+        torch.testing.assert_close(max_box_acc_from_levels(levels, grid), want)
+    ref = reference_hits(maps, lists, np.arange(0, 1, 0.001))
+    np.testing.assert_allclose(max_box_acc_from_levels(levels).numpy(), ref.mean(0).max(-1))
+    assert (levels[2] == levels[2, 0]).all()  # the constant map: one box at every level
+
+
 def test_by_hand_one_square_blob():
     """A 10x10 map: 0, with 0.5 on rows/cols 1-8 and 1 on the square rows/cols 2-5; ground truth (2, 2, 6, 6)
     exclusive = (2..6)^2 inclusive, 25 pixels. At t = 0 the foreground (q > 0) is the 8x8 region, box
@@ -232,3 +246,14 @@ def test_pointing_game_per_class_by_hand():
     assert pointing_game_per_class(maps, masks, classes, 3, tolerance=3.5, keep=keep)[0] == 1
     with pytest.raises(ValueError, match=r"classes must be \[5\] class ids in \[0, 2\)"):
         pointing_game_per_class(maps, masks, classes, 2)
+
+
+def test_pointing_game_strict_misses_at_exactly_the_tolerance():
+    from xai_core.metrics import pointing_game
+
+    maps = torch.zeros(1, 8, 8)
+    maps[0, 0, 0] = 1
+    masks = torch.zeros(1, 8, 8, dtype=torch.bool)
+    masks[0, 0, 3] = True  # 3 px from the argmax
+    assert pointing_game(maps, masks, tolerance=3).item() == 1
+    assert pointing_game(maps, masks, 3, strict=True).item() == 0

@@ -150,3 +150,44 @@ def test_a_restarted_evaluate_keeps_only_the_shards_committed_under_its_config(t
                       "test/000000/_manifest.json", "test/000000/part.parquet"]
     _begin_keeping_shards(store, "h1", force=True)
     assert left() == [] and (tmp_path / STAGE).is_dir()
+
+
+def test_wsol_box_levels_are_the_maps_box_iou_levels(tmp_path):
+    """evaluate.wsol_boxes: each method row holds box_iou_levels of that method's map and the image's box
+    (recomputed here with explain and xai_core.metrics); an image without a box gets a NaN row."""
+    from pipelines.evaluate import explain_fn
+    from xai_core.metrics import box_iou_levels
+
+    cfg, store, paths, batch = _setup(tmp_path, ["gradcam"])
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["evaluate.methods=[gradcam]", "evaluate.wsol_boxes=true"])
+    arrays = BiasedShapes(n=6, seed=3, split="test", size=cfg.data.size, num_classes=cfg.data.num_classes).arrays()
+    box = arrays["box"].copy()
+    box[5] = -1  # no box
+    rows = _rows(cfg, store, paths, {**batch, "box": box}, ["erm_s0"])[("erm_s0", "gradcam")]
+    model = make_model(cfg, pretrained=False)
+    model.load_state_dict(torch.load(tmp_path / paths["erm_s0"], weights_only=True)["model"])
+    x = torch.from_numpy(batch["image"]).float() / 255
+    maps = explain_fn(cfg, "gradcam", {})(model.eval(), x, torch.from_numpy(batch["label"]))
+    want = box_iou_levels(maps[:5], torch.from_numpy(box[:5])).float().numpy()
+    np.testing.assert_allclose(rows["box_iou_levels"][:5], want, atol=1e-6)
+    assert np.isnan(rows["box_iou_levels"][5]).all()
+
+
+def test_multilabel_pair_rows_hold_the_strict_pointing_game_and_difficult_flags(tmp_path):
+    sets = ["evaluate.methods=[gradcam]", "data.multilabel=true", "train.loss=bce", "train.modes=[erm]",
+            "sweep.model=erm"]
+    cfg = load_config(ROOT / "configs/smoke.yaml", sets)
+    store = st.Storage(str(tmp_path))
+    torch.manual_seed(0)
+    store.write_bytes(state_bytes({"model": make_model(cfg).state_dict()}), "models", "erm_s0.pt")
+    a = BiasedShapes(n=5, seed=1, split="multilabel", size=cfg.data.size, num_classes=cfg.data.num_classes).arrays()
+    difficult = np.zeros_like(a["labels"])
+    difficult[0, np.flatnonzero(a["labels"][0])[0]] = True  # image 0's first class: all its objects difficult
+    batch = {"idx": np.arange(5), "difficult": difficult,
+             **{k: a[k] for k in ("image", "label", "mask", "group", "labels", "class_masks")}}
+    rows = _rows(cfg, store, {"erm_s0": "models/erm_s0.pt"}, batch, ["erm_s0"])[("erm_s0", "gradcam")]
+    n_pairs = int(a["labels"].sum())
+    assert len(rows["idx"]) == n_pairs and rows["difficult"].sum() == 1
+    assert rows["difficult"][(rows["idx"] == 0) & (rows["label"] == np.flatnonzero(a["labels"][0])[0])] == 1
+    assert set(np.unique(rows["pointing_game_strict"])) <= {0.0, 1.0}
+    assert (rows["pointing_game_strict"] <= rows["pointing_game"]).all()  # strict can only lose hits

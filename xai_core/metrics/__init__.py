@@ -1,6 +1,6 @@
 """Explanation metrics (METHODS §6): torch-native, batched, each returns per-sample values [B]."""
 
-from xai_core.metrics.boxes import box_hits, max_box_acc, max_box_acc_v2
+from xai_core.metrics.boxes import box_hits, box_iou_levels, max_box_acc, max_box_acc_from_levels, max_box_acc_v2
 from xai_core.metrics.complexity import gini
 from xai_core.metrics.detection import adversarial_examples, auroc, detection_auroc, train_detector
 from xai_core.metrics.dwsol import dwsol, false_response
@@ -26,6 +26,7 @@ __all__ = [
     "average_precision_per_class",
     "best_threshold",
     "box_hits",
+    "box_iou_levels",
     "dataset_pxap",
     "deletion_auc",
     "detection_auroc",
@@ -38,6 +39,7 @@ __all__ = [
     "iou_at",
     "localisation_iou",
     "max_box_acc",
+    "max_box_acc_from_levels",
     "max_box_acc_v2",
     "mean_average_precision",
     "model_randomisation",

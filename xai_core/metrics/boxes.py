@@ -128,6 +128,44 @@ def box_hits(maps: torch.Tensor, boxes: torch.Tensor, cam_thresholds: torch.Tens
     return iou[:, None, :] >= deltas[None, :, None]
 
 
+LEVELS = 256  # uint8 quantisation: the foreground at any CAM threshold is q > k for one k in 0..255
+
+
+def box_iou_levels(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+    """Best contour-box IoU [B,256] of each map at every quantised level k (foreground q > k, q =
+    floor(255 minmax(map)), as in ``box_hits``): all a set's MaxBoxAcc needs, per image, whatever the CAM
+    threshold grid (a stored row of the evaluate stage). A constant map holds its one box's IoU at every
+    level. ``max_box_acc_from_levels`` turns a set's rows into MaxBoxAcc."""
+    check_maps(maps)
+    b, h, w = maps.shape
+    gt, valid = _check_boxes(boxes, b, maps.device)
+    q = _quantised(maps)
+    out = torch.empty(b, LEVELS, dtype=torch.float64, device=maps.device)
+    step = max(1, _PIXELS_PER_PASS // max(1, b * h * w))
+    levels = torch.arange(LEVELS, device=maps.device)
+    for i in range(0, LEVELS, step):
+        lv = levels[i:i + step]
+        n = len(lv)
+        fg = (q[:, None] > lv[None, :, None, None]).flatten(0, 1)
+        out[:, i:i + n] = _best_iou(fg, gt.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)).view(b, n)
+    const = q.flatten(1).amax(1) == 0  # no foreground at any level: the reference's box (0, 0, 0, 0)
+    return torch.where(const[:, None], out[:, :1].expand(-1, LEVELS), out)
+
+
+def max_box_acc_from_levels(levels: torch.Tensor, cam_thresholds: torch.Tensor | None = None,
+                            iou_thresholds: tuple[float, ...] = IOU_THRESHOLDS) -> torch.Tensor:
+    """MaxBoxAcc [D] of a set from its ``box_iou_levels`` rows [N,256] (equal to ``max_box_acc`` of its
+    ``box_hits``): at threshold t every non-constant map's foreground is level floor(255 t)."""
+    if not isinstance(levels, torch.Tensor) or levels.dim() != 2 or levels.shape[1] != LEVELS or not len(levels):
+        raise ValueError(f"levels must be [N,{LEVELS}] rows of box_iou_levels with N >= 1, got "
+                         f"{tuple(levels.shape) if isinstance(levels, torch.Tensor) else type(levels).__name__}")
+    t = default_cam_thresholds() if cam_thresholds is None else torch.as_tensor(cam_thresholds)
+    k = torch.floor(t.to(torch.float64).flatten() * 255).long().clamp(0, LEVELS - 1)
+    deltas = torch.as_tensor(iou_thresholds, dtype=torch.float64).flatten()
+    iou = levels.to(torch.float64)[:, k]  # [N,T]
+    return (iou[:, None, :] >= deltas[None, :, None].to(iou.device)).to(torch.float64).mean(0).amax(-1)
+
+
 def max_box_acc(hits: torch.Tensor) -> torch.Tensor:
     """MaxBoxAcc [D] from hits [N,D,T] of a whole evaluation set: the hit rate at the best CAM threshold,
     per IoU threshold. MaxBoxAccV2 = its mean over (0.3, 0.5, 0.7)."""
@@ -142,4 +180,5 @@ def max_box_acc_v2(maps: torch.Tensor, boxes: torch.Tensor, cam_thresholds: torc
     return float(max_box_acc(box_hits(maps, boxes, cam_thresholds)).mean())
 
 
-__all__ = ["IOU_THRESHOLDS", "box_hits", "default_cam_thresholds", "max_box_acc", "max_box_acc_v2"]
+__all__ = ["IOU_THRESHOLDS", "box_hits", "box_iou_levels", "default_cam_thresholds", "max_box_acc",
+           "max_box_acc_from_levels", "max_box_acc_v2"]

@@ -39,8 +39,10 @@ def default_tolerance(height: int) -> int:
     return round(15 * height / 224)
 
 
-def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float | None = None) -> torch.Tensor:
+def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float | None = None,
+                  strict: bool = False) -> torch.Tensor:
     """1.0 if the map's argmax lies within ``tolerance`` px (Euclidean) of the mask, else 0.0; NaN if empty.
+    ``strict``: a distance of exactly ``tolerance`` misses (TorchRay's ``<``; the default counts it).
 
     Equivalent to dilating the mask with a disk of radius ``tolerance``; computed as the smallest squared
     distance from the argmax pixel (first one on ties, row-major) to a mask pixel. METHODS §6
@@ -55,7 +57,8 @@ def pointing_game(maps: torch.Tensor, masks: torch.Tensor, tolerance: float | No
     ys = torch.arange(h, device=maps.device).view(1, h, 1)
     xs = torch.arange(w, device=maps.device).view(1, 1, w)
     d2 = (ys - py) ** 2 + (xs - px) ** 2
-    hit = ((d2 <= tol * tol) & masks).flatten(1).any(1).to(_out_dtype(maps))
+    near = d2 < tol * tol if strict else d2 <= tol * tol
+    hit = (near & masks).flatten(1).any(1).to(_out_dtype(maps))
     empty = ~masks.flatten(1).any(1)
     return torch.where(empty, torch.full_like(hit, float("nan")), hit)
 
