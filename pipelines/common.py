@@ -253,8 +253,10 @@ def model_hash(cfg: Any, mode: str, seed: int) -> str:
 
     payload = {"data": section_dump(cfg, "data"), "model": section_dump(cfg, "model"),
                "train": section_dump(cfg, "train", exclude=_RUNTIME_KEYS), "mode": mode, "seed": seed}
-    if mode in ("consistency", "scaat"):
+    if mode in ("consistency", "scaat", "jtt"):
         payload[mode] = section_dump(cfg, mode)
+    elif mode in ("adv_whole", "adv_random"):  # SCAAT's loss and budgets, another attack region
+        payload["scaat"] = section_dump(cfg, "scaat")
     return digest(payload)
 
 

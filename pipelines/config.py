@@ -17,7 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (site-packages when installed: nothing lives there)
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped configs, inside the package
 STAGES = ("ingest", "train", "sweep", "evaluate", "report")
-MODES = ("erm", "consistency", "scaat")
+# erm, the two papers' training methods, and their baselines and controls (issue 20): jtt (Just Train Twice),
+# group_balanced (group-oracle reweighting), adv_whole / adv_random (SCAAT's loss attacking the whole image /
+# a random region of the size of SCAAT's low-saliency region)
+MODES = ("erm", "consistency", "scaat", "jtt", "group_balanced", "adv_whole", "adv_random")
+Mode = Literal["erm", "consistency", "scaat", "jtt", "group_balanced", "adv_whole", "adv_random"]
+ADV_MODES = {"scaat": "saliency", "adv_whole": "whole", "adv_random": "random"}  # mode -> scaat_loss region
+WEIGHTED_MODES = ("consistency", "jtt", "group_balanced")  # modes whose training rows carry a weight w
 EVAL_METHODS = ("saliency", "input_x_gradient", "integrated_gradients", "smoothgrad", "gradcam",
                 "gradcam_pp", "layercam", "gradcam_thresholded", "tif", "haf",
                 # ablations and controls (pipelines/evaluate.py VARIANTS, METHODS §2-3)
@@ -121,7 +127,7 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    modes: list[Literal["erm", "consistency", "scaat"]] = ["erm", "consistency", "scaat"]
+    modes: list[Mode] = ["erm", "consistency", "scaat"]
     loss: Literal["ce", "bce"] = "ce"  # bce: one sigmoid per class, for multi-label data (data.multilabel)
     seeds: list[int] = [0]
     epochs: int = Field(8, ge=1)
@@ -169,6 +175,15 @@ class ScaatConfig(_Section):
     eps_min: float = Field(1 / 255, ge=0, le=1)
     steps: int = Field(3, ge=1)
     lam: float = Field(1.0, ge=0)
+
+
+class JttConfig(_Section):
+    """Just Train Twice (Liu et al., ICML 2021): ERM for ``epochs`` (T), the training samples it gets wrong
+    are the error set, then a fresh model trains train.epochs with the error set weighted lambda_up x the
+    rest (weights scaled to mean 1)."""
+
+    epochs: int = Field(3, ge=1)
+    lambda_up: float = Field(6.0, ge=1)
 
 
 class PrecomputeConfig(_Section):
@@ -222,7 +237,7 @@ class SweepConfig(_Section):
     # (Choe et al. 2020); the IoU of the half-max region cannot see any alpha <= 0.5 (METHODS §2)
     metric: Literal["pxap", "iou", "energy_pointing_game", "pointing_game"] = "pxap"
     n_val: int = Field(128, ge=4)
-    model: Literal["erm", "consistency", "scaat"] = "erm"
+    model: Mode = "erm"
     # Optional sweep over training knobs (each trial a TorchTrainer under Tune with ASHA).
     train_mode: Literal["consistency", "scaat"] | None = None
     train_space: dict[str, list[Any]] = {}
@@ -286,6 +301,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     consistency: ConsistencyConfig = ConsistencyConfig()
     scaat: ScaatConfig = ScaatConfig()
+    jtt: JttConfig = JttConfig()
     precompute: PrecomputeConfig = PrecomputeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     sweep: SweepConfig = SweepConfig()
@@ -313,6 +329,9 @@ class Config(_Section):
                 raise ValueError(f"train.modes={self.train.modes}: with multi-label data only 'erm' trains "
                                  "(consistency reweighting and SCAAT attack one class per image); set "
                                  "train.modes=[erm]")
+        if "group_balanced" in self.train.modes and self.data.source not in ("biased_shapes", "waterbirds"):
+            raise ValueError(f"train.modes: group_balanced weights the training rows by their group; "
+                             f"data.source={self.data.source!r} has none (biased_shapes and waterbirds have)")
         if self.data.source == "voc" and not self.data.multilabel:
             raise ValueError("data.source=voc is multi-label: set data.multilabel=true and train.loss=bce")
         patch = re.fullmatch(r"vit_[a-z]+_(\d+)", self.model.arch)

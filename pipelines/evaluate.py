@@ -315,7 +315,9 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
 
 
 def config_hash(cfg: Any, alphas: dict[str, float]) -> str:
-    return cfg.section_hash("data", "model", "train", "consistency", "scaat", "evaluate") + "".join(
+    from pipelines.train import trained_sections
+
+    return cfg.section_hash(*trained_sections(cfg), "evaluate") + "".join(
         f"-{m}{alphas[m]:.4f}" for m in sorted(alphas))
 
 

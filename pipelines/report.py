@@ -101,7 +101,9 @@ def curves_figure(store: st.Storage, manifest: dict) -> Any:
 
     df = evaluate.read_frame(store, manifest, "test", curves=True)
     df = df[df.method != "none"]
-    modes = [m for m in ("erm", "consistency", "scaat") if m in set(df["mode"])]
+    from pipelines.config import MODES
+
+    modes = [m for m in MODES if m in set(df["mode"])]
     base = "erm" if "erm" in modes else modes[0]
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), squeeze=False)
     panels = [(axes[0], df[df["mode"] == base], "method", f"{base} models, every method"),

@@ -194,7 +194,9 @@ def group_weighted_accuracy(df: Any, train_groups: np.ndarray) -> Any | None:
 def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, sweep: dict | None,
                      command: str, rounds: list[dict] | None = None) -> str:
     """The whole RESULTS.md text."""
-    modes = [m for m in ("erm", "consistency", "scaat") if m in set(test["mode"])]
+    from pipelines.config import MODES
+
+    modes = [m for m in MODES if m in set(test["mode"])]
     acc = test[test.method == "none"]
     seeds = sorted(set(test.seed))
     out = [f"# Results: the four papers' claims on the built-in benchmark ({cfg.name} config)", "",
@@ -219,7 +221,7 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
         rows.append(row)
     robust = sorted(c for c in acc.columns if c.startswith("robust_acc_"))
     eps_cols = [f"PGD acc {c.split('_')[-1]}/255" for c in robust]
-    out += ["## Training: ERM vs. consistency reweighting (000) vs. SCAAT (002)", "",
+    out += ["## Training: ERM vs. consistency reweighting (000) vs. SCAAT (002), and their baselines and controls", "",
             _table(["model", "acc aligned", "acc conflicting", "acc (all)",
                     f"worst group (class x background, >= {MIN_GROUP} images)", "Grad-CAM PG", "Grad-CAM EPG",
                     "saliency deletion AUC", "saliency insertion AUC", "saliency Gini", *eps_cols], rows), ""]
@@ -343,17 +345,28 @@ def _claim_lines(test: Any, dwsol: Any | None, summary: dict) -> list[str]:
         return f"{what}: {paired(frame, metric, a, b, higher_is_better=higher, statistic=statistic).text()}"
 
     if {"erm", "consistency"} <= modes:
-        line("000", [cmp("conflicting-group accuracy, consistency vs. ERM", "correct",
-                         {"mode": "consistency", "group": 1}, {"mode": "erm", "group": 1}, acc),
-                     cmp("accuracy, consistency vs. ERM", "correct", {"mode": "consistency"}, {"mode": "erm"}, acc),
-                     cmp("Grad-CAM EPG, consistency vs. ERM", "energy_pointing_game",
-                         {"mode": "consistency", "method": "gradcam"}, {"mode": "erm", "method": "gradcam"})])
+        parts = [cmp("conflicting-group accuracy, consistency vs. ERM", "correct",
+                     {"mode": "consistency", "group": 1}, {"mode": "erm", "group": 1}, acc),
+                 cmp("accuracy, consistency vs. ERM", "correct", {"mode": "consistency"}, {"mode": "erm"}, acc),
+                 cmp("Grad-CAM EPG, consistency vs. ERM", "energy_pointing_game",
+                     {"mode": "consistency", "method": "gradcam"}, {"mode": "erm", "method": "gradcam"})]
+        for base in [b for b in ("jtt", "group_balanced") if b in modes]:  # the baselines it must reach
+            parts.append(cmp(f"conflicting-group accuracy, consistency vs. {base}", "correct",
+                             {"mode": "consistency", "group": 1}, {"mode": base, "group": 1}, acc))
+        line("000", parts)
     if {"erm", "scaat"} <= modes:
         sal = {"method": "saliency"}
-        line("002", [cmp("saliency Gini, SCAAT vs. ERM", "gini", {"mode": "scaat", **sal}, {"mode": "erm", **sal}),
-                     cmp("saliency deletion AUC, SCAAT vs. ERM", "deletion_auc", {"mode": "scaat", **sal},
-                         {"mode": "erm", **sal}, higher=False),
-                     cmp("accuracy, SCAAT vs. ERM", "correct", {"mode": "scaat"}, {"mode": "erm"}, acc)])
+        parts = [cmp("saliency Gini, SCAAT vs. ERM", "gini", {"mode": "scaat", **sal}, {"mode": "erm", **sal}),
+                 cmp("saliency deletion AUC, SCAAT vs. ERM", "deletion_auc", {"mode": "scaat", **sal},
+                     {"mode": "erm", **sal}, higher=False),
+                 cmp("accuracy, SCAAT vs. ERM", "correct", {"mode": "scaat"}, {"mode": "erm"}, acc)]
+        for ctrl in [c for c in ("adv_whole", "adv_random") if c in modes]:  # saliency-guided, or adversarial?
+            parts += [cmp(f"saliency Gini, SCAAT vs. {ctrl}", "gini", {"mode": "scaat", **sal},
+                          {"mode": ctrl, **sal}),
+                      cmp(f"saliency deletion AUC, SCAAT vs. {ctrl}", "deletion_auc", {"mode": "scaat", **sal},
+                          {"mode": ctrl, **sal}, higher=False),
+                      cmp(f"accuracy, SCAAT vs. {ctrl}", "correct", {"mode": "scaat"}, {"mode": ctrl}, acc)]
+        line("002", parts)
     if dwsol is not None and len(dwsol) and "haf" in set(dwsol.method):
         det = []
         for model, r in sorted(summary.items()):

@@ -158,8 +158,9 @@ NOT_SWEPT = ("shard_images", "n_test", "n_accuracy", "n_dwsol", "random_baseline
 
 def config_hash(cfg: Any) -> str:
     from pipelines.config import digest, section_dump
+    from pipelines.train import trained_sections
 
-    payload = {s: section_dump(cfg, s) for s in ("data", "model", "train", "consistency", "scaat", "sweep")}
+    payload = {s: section_dump(cfg, s) for s in (*trained_sections(cfg), "sweep")}
     payload["evaluate"] = section_dump(cfg, "evaluate", exclude=NOT_SWEPT)
     return digest(payload)
 

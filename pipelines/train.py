@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pipelines import ingest
 from pipelines import storage as st
 from pipelines.common import (
+    load_model,
     load_state,
     make_model,
     model_hash,
@@ -33,6 +34,7 @@ from pipelines.common import (
     to_tensors,
     trainer_input,
 )
+from pipelines.config import ADV_MODES, WEIGHTED_MODES
 
 log = logging.getLogger("xai.train")
 STAGE = "train"
@@ -40,7 +42,13 @@ STATE_FILE = "state.pt"
 
 
 def config_hash(cfg: Any) -> str:
-    return cfg.section_hash("data", "model", "train", "consistency", "scaat")
+    return cfg.section_hash(*trained_sections(cfg))
+
+
+def trained_sections(cfg: Any) -> tuple[str, ...]:
+    """The config sections the trained models depend on (jtt's only when a jtt model is trained: a run
+    committed before the jtt mode existed keeps its key)."""
+    return ("data", "model", "train", "consistency", "scaat") + (("jtt",) if "jtt" in cfg.train.modes else ())
 
 
 def label_sets(cfg: Any) -> list[str]:
@@ -60,16 +68,17 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], mode: str
     from xai_core.objectives import scaat_loss, weighted_cross_entropy
 
     x, y = batch["image"], batch["label"].long()
-    if mode == "scaat":
-        # METHODS §5b on the unwrapped module; under DDP train_loop averages the gradients itself.
+    if mode in ADV_MODES:
+        # METHODS §5b on the unwrapped module; under DDP train_loop averages the gradients itself. adv_whole /
+        # adv_random: the same loss and budgets, the attack over the whole image / a random region of SCAAT's size
         s = cfg.scaat
         res = scaat_loss(getattr(model, "module", model), x, y, keep=s.keep, eps=s.eps, eps_min=s.eps_min,
-                         steps=s.steps, lam=s.lam, generator=generator)
+                         steps=s.steps, lam=s.lam, generator=generator, region=ADV_MODES[mode])
         return res.loss, res.logits, {"kl": float(res.kl), "eps_mean": float(res.eps_i.mean())}
     logits = model(x)
     if cfg.train.loss == "bce":  # multi-label: one sigmoid per class against the image's label set
         return F.binary_cross_entropy_with_logits(logits, batch["labels"].float()), logits, {}
-    w = batch.get("w") if mode == "consistency" else None
+    w = batch.get("w") if mode in WEIGHTED_MODES else None
     if w is None:
         return F.cross_entropy(logits, y), logits, {}
     return weighted_cross_entropy(logits, y, w.float()), logits, {"w_mean": float(w.mean())}
@@ -188,7 +197,7 @@ def train_loop(lc: dict) -> None:
                 loss, logits, extra = batch_loss(model, batch, lc["mode"], cfg, gen)
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            if lc["mode"] == "scaat" and ctx.get_world_size() > 1:
+            if lc["mode"] in ADV_MODES and ctx.get_world_size() > 1:
                 sync_grads(model)
             scaler.step(opt)
             scaler.update()
@@ -432,6 +441,14 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
             common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan, "val": val}
             if mode == "consistency":
                 records = _train_consistency(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
+            elif mode == "jtt":
+                records = _train_jtt(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
+            elif mode == "group_balanced":
+                groups = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["idx", "group"])["group"]
+                ds = ingest.fit_input(store, ingest_manifest, "train", ["idx", "image", "label"], shard_limit(cfg),
+                                      weights=group_weights(groups))
+                records = fit(cfg, store, ds, mode=mode, epochs=cfg.train.epochs,
+                              name=f"{cfg.name}-{key}-{mh[:8]}", **common)
             else:
                 records = fit(cfg, store, train_ds, mode=mode, epochs=cfg.train.epochs,
                               name=f"{cfg.name}-{key}-{mh[:8]}", **common)
@@ -482,6 +499,58 @@ def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train
         store.write_bytes(rounds[-1][2], init)
         offset += cfg.consistency.round_epochs
     return records
+
+
+def group_weights(groups: np.ndarray) -> np.ndarray:
+    """Group-oracle weights [N] (``group_balanced``): inverse group frequency, mean 1, so that every group
+    carries the same total weight (on the biased shapes at bias 0.8: conflicting samples 4x the aligned)."""
+    groups = np.asarray(groups)
+    if len(groups) == 0 or (groups < 0).any():
+        raise ValueError("train.modes group_balanced needs every training row's group (data.source biased_shapes "
+                         f"or waterbirds); {int((groups < 0).sum())} of {len(groups)} rows have none")
+    _, inv, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    return (len(groups) / (len(counts) * counts[inv])).astype(np.float32)
+
+
+def jtt_weights(wrong: np.ndarray, lambda_up: float) -> np.ndarray:
+    """JTT's weights [N]: lambda_up for the error set, 1 for the rest, scaled to mean 1 (the upsampling of
+    Liu et al. as a weighted loss at the learning rate of the others)."""
+    w = np.where(np.asarray(wrong, bool), float(lambda_up), 1.0)
+    return (w / w.mean()).astype(np.float32)
+
+
+def train_errors(cfg: Any, store: st.Storage, ingest_manifest: dict, state: bytes, source: str) -> np.ndarray:
+    """Which training samples (idx order) a checkpoint gets wrong: JTT's error set (forwards on the driver)."""
+    model = load_model(cfg, state, source)
+    rows = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["idx", "image", "label"])
+    wrong = np.zeros(len(rows["idx"]), bool)
+    bs = cfg.train.batch_size
+    with torch.no_grad():
+        for i in range(0, len(wrong), bs):
+            x = torch.from_numpy(rows["image"][i:i + bs]).float() / 255
+            wrong[i:i + bs] = (model(x).argmax(1).numpy() != rows["label"][i:i + bs])
+    return wrong
+
+
+def _train_jtt(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any, h: str, key: str,
+               common: dict) -> list[tuple[int, dict, bytes]]:
+    """JTT: ERM for jtt.epochs, its error set on the training split, then a fresh model for train.epochs with
+    the error set upweighted (jtt_weights); returns the second fit's records (global epochs after the first)."""
+    j = cfg.jtt
+    first = fit(cfg, store, train_ds, mode="erm", epochs=j.epochs, name=f"{cfg.name}-{key}-id{j.epochs}-{h[:8]}",
+                **common)
+    wrong = train_errors(cfg, store, ingest_manifest, first[-1][2], f"{key} identification model")
+    stats = {"jtt_error_set": int(wrong.sum()), "jtt_error_share": float(wrong.mean())}
+    groups = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["idx", "group"])["group"]
+    if (groups >= 0).all() and wrong.any():
+        stats["jtt_error_set_conflicting_share"] = float((groups[wrong] == 1).mean())
+    if common.get("run_id"):
+        tracker.log_metrics(common["run_id"], stats, step=j.epochs)
+    log.info("train: %s: JTT error set %d of %d (lambda_up %g)", key, stats["jtt_error_set"], len(wrong), j.lambda_up)
+    ds = ingest.fit_input(store, ingest_manifest, "train", ["idx", "image", "label"], shard_limit(cfg),
+                          weights=jtt_weights(wrong, j.lambda_up))
+    return fit(cfg, store, ds, mode="jtt", epochs=cfg.train.epochs, name=f"{cfg.name}-{key}-{h[:8]}",
+               epoch_offset=j.epochs, **common)
 
 
 # What loading a logged model needs: it is a torch.export program (mlflow's pt2 format), so neither

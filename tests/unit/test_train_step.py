@@ -247,3 +247,72 @@ def test_save_model_commits_the_last_and_the_best_checkpoint(tmp_path):
     assert ck["best_val_worst_group"] == {"epoch": 2, "path": "train/erm_s0/model.pt", "val_acc": 0.7,
                                           "val_worst_group_acc": None}
     assert not (tmp_path / "train/erm_s0/best.pt").exists()  # the stage's folder was begun again
+
+
+def test_jtt_and_group_balanced_rows_are_weighted_like_consistency():
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    batch = {"image": torch.zeros(3, 3, 4, 4), "label": torch.tensor([0, 0, 1]), "w": torch.tensor([0.5, 2.0, 0.5])}
+    want, _, _ = batch_loss(Fixed(logits), batch, "consistency", _cfg())
+    for mode in ("jtt", "group_balanced"):
+        got, _, extra = batch_loss(Fixed(logits), batch, mode, _cfg())
+        assert float(got) == float(want) and extra["w_mean"] == pytest.approx(1.0)
+
+
+def test_group_weights_by_hand():
+    """8 aligned (group 0) and 2 conflicting (group 1): each group gets half the total weight, w = 10 / (2 x 8)
+    and 10 / (2 x 2); mean 1; a row without a group is an error."""
+    from pipelines.train import group_weights
+
+    w = group_weights(np.array([0] * 8 + [1] * 2))
+    np.testing.assert_allclose(w, [0.625] * 8 + [2.5] * 2)
+    assert w.mean() == pytest.approx(1.0) and w[-1] / w[0] == 4.0
+    np.testing.assert_allclose(group_weights(np.array([3, 0, 3, 1])), [2 / 3, 4 / 3, 2 / 3, 4 / 3])
+    with pytest.raises(ValueError, match="needs every training row's group .* 1 of 3 rows have none"):
+        group_weights(np.array([0, 1, -1]))
+
+
+def test_jtt_weights_by_hand():
+    """Error set {1, 3} of 5 at lambda_up 6: raw weights 1, 6, 1, 6, 1 (mean 3) -> 1/3, 2, 1/3, 2, 1/3."""
+    from pipelines.train import jtt_weights
+
+    np.testing.assert_allclose(jtt_weights(np.array([0, 1, 0, 1, 0]), 6.0), [1 / 3, 2, 1 / 3, 2, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(jtt_weights(np.zeros(4, bool), 6.0), [1.0] * 4)
+
+
+def test_adv_controls_attack_where_they_say_with_scaats_budget():
+    from xai_core.objectives import scaat_loss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 0])
+    res = {r: scaat_loss(model, x, y, keep=0.25, generator=torch.Generator().manual_seed(1), region=r)
+           for r in ("saliency", "whole", "random")}
+    assert res["whole"].region.all()
+    for r in ("random", "saliency"):  # keep 0.25 of 64 pixels
+        assert (res[r].region.flatten(1).sum(1) == 16).all()
+    assert not torch.equal(res["random"].region, res["saliency"].region)
+    torch.testing.assert_close(res["whole"].eps_i, res["saliency"].eps_i)  # the same per-sample budget
+    for r in ("saliency", "random"):  # the attack changed nothing outside its region
+        assert torch.equal(res[r].x_adv[~res[r].region.expand_as(x)], x[~res[r].region.expand_as(x)])
+    again = scaat_loss(model, x, y, keep=0.25, generator=torch.Generator().manual_seed(1), region="random")
+    assert torch.equal(again.region, res["random"].region)  # seeded
+    loss, _, _ = batch_loss(model, {"image": x, "label": y}, "adv_whole", _cfg("scaat.lam=0"))
+    assert float(loss) == pytest.approx(float(torch.nn.functional.cross_entropy(model(x), y)), rel=1e-6)
+    with pytest.raises(ValueError, match="region='all': allowed values are saliency, whole, random"):
+        scaat_loss(model, x, y, region="all")
+
+
+def test_new_modes_hash_their_own_sections():
+    from pipelines.common import model_hash
+
+    base = _cfg("train.modes=[erm, jtt, group_balanced, adv_whole, adv_random]")
+    h = {m: model_hash(base, m, 0) for m in ("erm", "jtt", "group_balanced", "adv_whole", "adv_random")}
+    assert len(set(h.values())) == 5
+    jtt = _cfg("train.modes=[erm, jtt, group_balanced, adv_whole, adv_random]", "jtt.lambda_up=20")
+    assert [model_hash(jtt, m, 0) == h[m] for m in h] == [True, False, True, True, True]
+    scaat = _cfg("train.modes=[erm, jtt, group_balanced, adv_whole, adv_random]", "scaat.keep=0.3")
+    assert [model_hash(scaat, m, 0) == h[m] for m in h] == [True, True, True, False, False]
+    with pytest.raises(Exception, match="group_balanced weights the training rows by their group"):
+        load_config(ROOT / "configs/smoke.yaml", ["train.modes=[erm, group_balanced]", "data.source=folder",
+                                                  "data.folder=/nowhere"])

@@ -23,6 +23,9 @@ from xai_core.attribution.gradients import reduce_abs_max
 from xai_core.perturb import pgd
 
 ATTACK_MODES = ("eval", "current")
+# where the attack may act: SCAAT's low-saliency region, or the controls of METHODS §5b: the whole image, or
+# a random set of pixels of the same size as the low-saliency region (same eps_i, steps, loss)
+REGIONS = ("saliency", "whole", "random")
 
 
 @dataclass
@@ -71,6 +74,18 @@ def low_saliency_region(saliency: torch.Tensor, keep: float) -> torch.Tensor:
     return region.view(saliency.shape).unsqueeze(1)
 
 
+def random_region(shape: tuple[int, ...], keep: float, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> torch.Tensor:
+    """round(keep * H * W) pixels per sample drawn uniformly without replacement, bool [B,1,H,W]: the
+    random-region control's mask, as many pixels as ``low_saliency_region`` selects."""
+    b, h, w = shape
+    k = int(math.floor(keep * h * w + 0.5))
+    noise = torch.rand(b, h * w, generator=generator, device=generator.device if generator is not None else device)
+    region = torch.zeros(b, h * w, dtype=torch.bool, device=noise.device)
+    region.scatter_(1, noise.argsort(1)[:, :k], True)
+    return region.view(b, 1, h, w).to(device)
+
+
 def _check_nonneg(value: float, name: str) -> None:
     if not (math.isfinite(float(value)) and float(value) >= 0):
         raise ValueError(f"{name}={value} is out of range: allowed values are finite and >= 0")
@@ -79,14 +94,19 @@ def _check_nonneg(value: float, name: str) -> None:
 def scaat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor | int, *, keep: float = 0.5,
                eps: float = 8 / 255, eps_min: float = 1 / 255, steps: int = 3,
                step_size: float | torch.Tensor | None = None, lam: float = 1.0,
-               attack_mode: str = "eval", generator: torch.Generator | None = None) -> ScaatResult:
+               attack_mode: str = "eval", generator: torch.Generator | None = None,
+               region: str = "saliency") -> ScaatResult:
     """The SCAAT training loss for one batch. # METHODS §5b
 
     ``step_size`` None: 2.5 * eps_i / steps per sample. ``attack_mode="eval"`` runs the saliency pass
     and the attack with the model in eval() and restores every module's mode afterwards;
     "current" leaves it alone. The two loss forwards (x, then x_adv) run in the caller's mode.
+    ``region``: "saliency" (SCAAT), or the controls "whole" (every pixel) and "random" (``random_region``
+    of the same size, drawn from ``generator``); eps_i, the attack and the loss are the same in all three.
     """
     check_images(x)
+    if region not in REGIONS:
+        raise ValueError(f"region={region!r}: allowed values are {', '.join(REGIONS)}")
     if not 0 < keep < 1:
         raise ValueError(f"keep={keep} is out of range: allowed values are in (0, 1)")
     _check_nonneg(eps, "eps")
@@ -98,11 +118,16 @@ def scaat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor | int, *, keep
         lm = layer_maps(model, x, y, input_grad=True)  # == explain(..., method="saliency") + its logits
         t = lm.target
         sal = reduce_abs_max(lm.input_grad)
-        region = low_saliency_region(sal, keep)
+        if region == "saliency":
+            where = low_saliency_region(sal, keep)
+        elif region == "whole":
+            where = torch.ones_like(sal, dtype=torch.bool).unsqueeze(1)
+        else:
+            where = random_region(tuple(sal.shape), keep, generator, device=sal.device)
         conf = lm.logits.softmax(1).gather(1, t[:, None]).squeeze(1)
         eps_i = eps * (1 - conf) + eps_min
         step = 2.5 * eps_i / steps if step_size is None else step_size
-        x_adv = pgd(model, x, t, region=region, eps=eps_i, step_size=step, steps=steps,
+        x_adv = pgd(model, x, t, region=where, eps=eps_i, step_size=step, steps=steps,
                     generator=generator)
     logits = model(x)
     logits_adv = model(x_adv)
@@ -110,5 +135,5 @@ def scaat_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor | int, *, keep
     kl = F.kl_div(F.log_softmax(logits_adv, 1), F.log_softmax(logits, 1), reduction="batchmean",
                   log_target=True)
     loss = ce + lam * kl
-    return ScaatResult(loss=loss, ce=ce.detach(), kl=kl.detach(), region=region, eps_i=eps_i,
+    return ScaatResult(loss=loss, ce=ce.detach(), kl=kl.detach(), region=where, eps_i=eps_i,
                        x_adv=x_adv, saliency=sal, logits=logits.detach())
