@@ -165,6 +165,10 @@ class ConsistencyConfig(_Section):
     power: float = Field(1.0, gt=0)
     w_min: float = Field(0.1, ge=0, lt=1)
     w_max: float | None = Field(None, ge=1)  # cap on a weight (mean 1); None: no cap (the paper)
+    # a sample whose clean or adversarial Grad-CAM is flat: legacy (the first version: attacked over the whole
+    # image, similarity weight), keep (not attacked, similarity weight), one (weight 1), exclude (weight 0);
+    # counted per round and group either way (xai_core.objectives.DEGENERATE)
+    degenerate: Literal["legacy", "keep", "one", "exclude"] = "legacy"
 
 
 class ScaatConfig(_Section):
@@ -353,6 +357,7 @@ class Config(_Section):
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False, "root": None, "val_fraction": 0.1},
                                              "model": {"weights": None, "normalize": "auto"},
                                              "evaluate": {"wsol_boxes": False},
+                                             "consistency": {"degenerate": "legacy"},
                                              "train": {"loss": "ce"}}
 
 

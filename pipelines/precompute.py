@@ -49,7 +49,7 @@ class ConsistencyActor:
                 object_mask=t["mask"].bool() if c.mask_source == "ground_truth" else None, tau=c.tau,
                 eps=c.eps, step_size=c.step_size, steps=c.steps, similarity=c.similarity,
                 layers=[self.model.cam_layer] if getattr(self.model, "cam_layer", None) else None,
-                generator=gen)
+                generator=gen, degenerate=c.degenerate)
         out = {k: batch[k] for k in ("idx", "image", "label", "group", "mask")}
         out["background"] = res.background[:, 0].cpu().numpy().astype(bool)
         out["x_adv"] = (res.x_adv * 255).round().clamp(0, 255).to(torch.uint8).cpu().numpy()
@@ -57,6 +57,7 @@ class ConsistencyActor:
         out["cam_adv"] = res.cam_adv.detach().cpu().numpy().astype(np.float16)
         out["E"] = res.E.detach().cpu().numpy().astype(np.float32)
         out["v"] = res.v.detach().cpu().numpy().astype(np.float32)
+        out["degenerate"] = res.degenerate.cpu().numpy().astype(bool)
         return out
 
 
@@ -88,7 +89,7 @@ def write_samples(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path:
     out = consistency_map(src, cfg, store, ckpt_path, plan, n)
     files = ingest.write_split(store, stage, "samples", out, max(1, -(-n // cfg.data.rows_per_shard)))
     cols = ingest.read_split_numpy(store, {"files": {"samples": files}, "stage": stage}, "samples",
-                                   columns=["idx", "E", "v", "group"])
+                                   columns=["idx", "E", "v", "group", "degenerate"])
     if len(cols["idx"]) != n or len(np.unique(cols["idx"])) != n:
         raise RuntimeError(f"precompute {stage}: wrote {len(cols['idx'])} rows "
                            f"({len(np.unique(cols['idx']))} distinct) for {n} training samples")
@@ -99,7 +100,7 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
               tracker: Any, parent_run: str, plan: Any, force: bool = False) -> tuple[dict, np.ndarray]:
     """One precompute round with the checkpoint at ckpt_path; returns (manifest, w indexed by idx)."""
 
-    from xai_core.objectives import normalise_weights
+    from xai_core.objectives import degenerate_weights
 
     stage = f"{STAGE}/s{seed}_round{rnd}"
     h = config_hash(cfg, seed, rnd)
@@ -110,16 +111,17 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
         st.begin(store, stage)
         files, cols = write_samples(cfg, store, ingest_manifest, ckpt_path, plan, stage)
         n = ingest_manifest["rows"]["train"]
-        w = normalise_weights(torch.from_numpy(cols["v"]), power=cfg.consistency.power,
-                              w_min=cfg.consistency.w_min, w_max=cfg.consistency.w_max).numpy()
+        c = cfg.consistency
+        w = degenerate_weights(torch.from_numpy(cols["v"]), torch.from_numpy(cols["degenerate"]), c.degenerate,
+                               power=c.power, w_min=c.w_min, w_max=c.w_max).numpy()
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         table = pa.table({"idx": cols["idx"], "E": cols["E"], "v": cols["v"], "w": w.astype(np.float32),
-                          "group": cols["group"]})
+                          "group": cols["group"], "degenerate": cols["degenerate"]})
         with store.fs.open_output_stream(store.path(stage, "weights.parquet")) as f:
             pq.write_table(table, f)
-        stats = _round_stats(cols["E"], w, cols["group"])
+        stats = _round_stats(cols["E"], w, cols["group"], cols["degenerate"])
         manifest = st.commit(store, stage, h, files={"samples": files, "weights": [f"{stage}/weights.parquet"]},
                              rows={"samples": n}, checkpoint=ckpt_path, stats=stats)
         run_id = tracker.find_or_create(f"precompute/s{seed}/round{rnd}",
@@ -135,9 +137,16 @@ def run_round(cfg: Any, store: st.Storage, ingest_manifest: dict, ckpt_path: str
     return manifest, w_by_idx
 
 
-def _round_stats(E: np.ndarray, w: np.ndarray, group: np.ndarray) -> dict[str, float]:
-    """Does reweighting find the bias-conflicting samples? Mean E and w per group, top-10% share."""
+def _round_stats(E: np.ndarray, w: np.ndarray, group: np.ndarray, degenerate: np.ndarray | None = None
+                 ) -> dict[str, float]:
+    """Does reweighting find the bias-conflicting samples? Mean E and w per group, top-10% share; the samples
+    with a flat map (degenerate): how many, how many of them conflicting, and their share of all weight."""
     stats = {"E_mean": float(E.mean()), "w_max": float(w.max())}
+    if degenerate is not None:
+        deg = np.asarray(degenerate, bool)
+        stats.update(degenerate=int(deg.sum()), degenerate_weight_share=float(w[deg].sum() / max(w.sum(), 1e-12)))
+        if (group >= 0).all():
+            stats["degenerate_conflicting"] = int((deg & (group == 1)).sum())
     conf = group == 1
     if conf.any() and (~conf).any():
         stats.update(E_aligned=float(E[~conf].mean()), E_conflicting=float(E[conf].mean()),

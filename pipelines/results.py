@@ -229,13 +229,16 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
         c = cfg.consistency
         rows = [[str(r["seed"]), str(r["round"])] + [f"{r[k]:.3f}" if k in r else "" for k in (
             "E_aligned", "E_conflicting", "w_aligned", "w_conflicting", "w_max", "top10_conflicting_share")]
+            + [str(r.get("degenerate", "")), str(r.get("degenerate_conflicting", "")),
+               f"{r['degenerate_weight_share']:.3f}" if "degenerate_weight_share" in r else ""]
             for r in rounds]
         out += [f"Consistency weights by bias group (000): does reweighting find the conflicting samples? Each "
                 f"round recomputes E with the latest model (mask {c.mask_source}, eps {c.eps:.4f}, {c.steps} PGD "
                 f"steps; power {c.power:g}, floor {c.w_min:g}, cap {c.w_max if c.w_max is not None else 'none'}); "
                 f"the training split is {1 - cfg.data.bias:.0%} conflicting.", "",
                 _table(["seed", "round", "E aligned", "E conflicting", "w aligned", "w conflicting", "w max",
-                        "conflicting share of the top 10% weights"], rows), ""]
+                        "conflicting share of the top 10% weights", "flat maps (degenerate)",
+                        "of them conflicting", f"their share of all weight ({c.degenerate})"], rows), ""]
     # --- attribution (003) on the ERM models
     erm = test[test["mode"] == "erm"]
     methods = [m for m in cfg.evaluate.methods if m in set(erm.method)]

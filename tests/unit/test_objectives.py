@@ -303,3 +303,40 @@ def test_scaat_validation():
                         ({"attack_mode": "train"}, r"'train'.*eval, current")]:
         with pytest.raises(ValueError, match=pat):
             scaat_loss(model, x, y, **kwargs)
+
+
+def test_degenerate_weights_by_hand():
+    """v = 0.5, 1.5, 1.0, 1.0 with the last two flagged; power 1, no floor: keep/legacy normalise all four
+    (0.5, 1.5, 1, 1); one: the first two among themselves (0.5, 1.5) and 1 for the flagged; exclude: the
+    flagged 0 and the others scaled to a mean of 1 over all four (1, 3, 0, 0)."""
+    from xai_core.objectives import degenerate_weights
+
+    v, flag = torch.tensor([0.5, 1.5, 1.0, 1.0]), torch.tensor([False, False, True, True])
+    for how in ("legacy", "keep"):
+        torch.testing.assert_close(degenerate_weights(v, flag, how, w_min=0.0), torch.tensor([0.5, 1.5, 1.0, 1.0]))
+    torch.testing.assert_close(degenerate_weights(v, flag, "one", w_min=0.0), torch.tensor([0.5, 1.5, 1.0, 1.0]))
+    v2 = torch.tensor([1.0, 3.0, 9.0, 9.0])
+    torch.testing.assert_close(degenerate_weights(v2, flag, "one", w_min=0.0), torch.tensor([0.5, 1.5, 1.0, 1.0]))
+    torch.testing.assert_close(degenerate_weights(v2, flag, "exclude", w_min=0.0), torch.tensor([1.0, 3.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="degenerate='drop': allowed values are legacy, keep, one, exclude"):
+        degenerate_weights(v, flag, "drop")
+
+
+def test_a_flat_clean_map_is_flagged_and_not_attacked_unless_legacy():
+    """Image 0 is all zero: every activation is relu(bias), Grad-CAM is constant, norm01 makes it 0. Legacy
+    attacks its whole image (background everywhere); keep leaves it alone (x_adv = x); both flag it."""
+    from xai_core.objectives import explanation_consistency
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x = torch.rand(2, 3, 8, 8)
+    x[0] = 0
+    kw = {"layers": ["1"], "eps": 0.1, "step_size": 0.05, "steps": 2}
+    legacy = explanation_consistency(model, x, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0), **kw)
+    keep = explanation_consistency(model, x, torch.tensor([0, 1]), generator=torch.Generator().manual_seed(0),
+                                   degenerate="keep", **kw)
+    assert legacy.degenerate[0] and keep.degenerate[0] and not keep.degenerate[1]
+    assert legacy.background[0].all() and not keep.background[0].any()
+    assert torch.equal(keep.x_adv[0], x[0]) and not torch.equal(legacy.x_adv[0], x[0])
+    torch.testing.assert_close(keep.background[1], legacy.background[1])

@@ -3,11 +3,12 @@
 from xai_core.objectives.consistency import (
     ConsistencyResult,
     consistency_weights,
+    degenerate_weights,
     explanation_consistency,
     normalise_weights,
     weighted_cross_entropy,
 )
 from xai_core.objectives.scaat import ScaatResult, scaat_loss
 
-__all__ = ["ConsistencyResult", "ScaatResult", "consistency_weights", "explanation_consistency",
+__all__ = ["ConsistencyResult", "ScaatResult", "consistency_weights", "degenerate_weights", "explanation_consistency",
            "normalise_weights", "scaat_loss", "weighted_cross_entropy"]

@@ -19,6 +19,11 @@ from xai_core.attribution import explain
 from xai_core.perturb import MASK_SOURCES, background_mask, cam_background, pgd
 
 SIMILARITIES = ("cosine", "pearson", "js")
+# what a sample whose clean or adversarial Grad-CAM is flat (no localised evidence) gets (METHODS §5a):
+# "legacy": as the first version computed it (a flat clean map makes the whole image background and is
+# attacked there; its weight is what the similarity gives); "keep": its similarity weight, but a flat clean
+# map is not attacked (no background to find); "one": weight 1; "exclude": weight 0
+DEGENERATE = ("legacy", "keep", "one", "exclude")
 
 
 @dataclass
@@ -33,6 +38,7 @@ class ConsistencyResult:
     cam: torch.Tensor
     cam_adv: torch.Tensor
     w: torch.Tensor | None = None
+    degenerate: torch.Tensor | None = None  # [B] bool: the clean or the adversarial map is flat
 
 
 def _check_similarity(similarity: str) -> None:
@@ -82,10 +88,17 @@ def explanation_consistency(model: nn.Module, x: torch.Tensor, y: torch.Tensor |
                             tau: float = 0.5, eps: float | torch.Tensor = 8 / 255,
                             step_size: float | torch.Tensor = 2 / 255, steps: int = 5,
                             similarity: str = "cosine", layers: Sequence[str] | str | None = None,
-                            generator: torch.Generator | None = None) -> ConsistencyResult:
-    """E and v = 1 - E per sample: Grad-CAM consistency under a background-only attack. # METHODS §5a"""
+                            generator: torch.Generator | None = None,
+                            degenerate: str = "legacy") -> ConsistencyResult:
+    """E and v = 1 - E per sample: Grad-CAM consistency under a background-only attack. # METHODS §5a
+
+    ``degenerate`` (DEGENERATE): with anything but "legacy" a sample whose clean map is flat gets no attack
+    (its background would be the whole image); ``result.degenerate`` flags the samples whose clean or
+    adversarial map is flat in every case, and ``degenerate_weights`` applies the rest of the choice."""
     check_images(x)
     _check_similarity(similarity)
+    if degenerate not in DEGENERATE:
+        raise ValueError(f"degenerate={degenerate!r}: allowed values are {', '.join(DEGENERATE)}")
     if mask_source not in MASK_SOURCES:
         raise ValueError(f"unknown mask_source {mask_source!r}; allowed: {', '.join(MASK_SOURCES)}")
     t = as_targets(y, x.shape[0], None, x.device)
@@ -94,12 +107,38 @@ def explanation_consistency(model: nn.Module, x: torch.Tensor, y: torch.Tensor |
         background = cam_background(cam, tau)
     else:
         background = background_mask(model, x, t, source=mask_source, object_mask=object_mask)
+    flat = ~(cam.flatten(1).amax(1) > 0)  # norm01 of a constant map is all zero
+    if degenerate != "legacy" and mask_source == "cam":
+        background = background & ~flat.view(-1, 1, 1, 1)
     x_adv = pgd(model, x, t, region=background, eps=eps, step_size=step_size, steps=steps,
                 generator=generator)
     cam_adv = norm01(explain(model, x_adv, t, method="gradcam", layers=layers))
     e = map_similarity(cam, cam_adv, similarity)
     return ConsistencyResult(E=e, v=1 - e, background=background, x_adv=x_adv, cam=cam.detach(),
-                             cam_adv=cam_adv.detach())
+                             cam_adv=cam_adv.detach(), degenerate=flat | ~(cam_adv.flatten(1).amax(1) > 0))
+
+
+def degenerate_weights(v: torch.Tensor, degenerate: torch.Tensor, how: str = "legacy", power: float = 1.0,
+                       w_min: float = 0.1, w_max: float | None = None) -> torch.Tensor:
+    """Mean-1 weights of a whole dataset with its flagged samples handled by ``how`` (DEGENERATE): "legacy"
+    and "keep": ``normalise_weights`` of every v; "one": the others normalised among themselves, the
+    flagged ones 1; "exclude": the flagged ones 0, the others normalised so that the mean over all is 1."""
+    if how not in DEGENERATE:
+        raise ValueError(f"degenerate={how!r}: allowed values are {', '.join(DEGENERATE)}")
+    v = torch.as_tensor(v)
+    flag = torch.as_tensor(degenerate, dtype=torch.bool, device=v.device)
+    if tuple(flag.shape) != tuple(v.shape):
+        raise ValueError(f"degenerate flags {tuple(flag.shape)} must match v {tuple(v.shape)}")
+    kw = {"power": power, "w_min": w_min, "w_max": w_max}
+    if how in ("legacy", "keep") or not bool(flag.any()):
+        return normalise_weights(v, **kw)
+    w = torch.ones_like(v, dtype=v.dtype if v.is_floating_point() else torch.get_default_dtype())
+    if bool((~flag).any()):
+        w[~flag] = normalise_weights(v[~flag], **kw).to(w.dtype)
+    if how == "exclude":
+        w[flag] = 0
+        w = w * (len(w) / w.sum()) if bool(w.sum() > 0) else w
+    return w
 
 
 def normalise_weights(v: torch.Tensor, power: float = 1.0, w_min: float = 0.1,
