@@ -436,8 +436,9 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
                 if ingest_manifest["files"].get(split):
                     tracker.log_dataset(run_id, f"{cfg.name}-{cfg.data.source}-{split}", ingest_manifest["config_hash"],
                                         store.uri(ingest.STAGE, split), ingest_manifest["rows"][split], context)
+            section = {"adv_whole": "scaat", "adv_random": "scaat"}.get(mode, mode)  # the section the mode reads
             tracker.log_params(run_id, {"mode": mode, "seed": seed, "train": cfg.train.model_dump(),
-                                        mode: getattr(cfg, mode).model_dump() if mode != "erm" else {}})
+                                        section: getattr(cfg, section).model_dump() if hasattr(cfg, section) else {}})
             common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan, "val": val}
             if mode == "consistency":
                 records = _train_consistency(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
