@@ -74,18 +74,9 @@ class DataConfig(_Section):
             raise ValueError("data.folder must name an image folder when data.source is 'folder'")
         if self.source == "biased_shapes" and self.num_classes > 6:
             raise ValueError(f"data.num_classes={self.num_classes}: biased_shapes draws at most 6 shapes")
-        if self.source in DATASETS:
-            from xai_core.data.datasets import classes_of
-
-            if not self.root:
-                raise ValueError(f"data.root must name the {self.source} dataset's folder when data.source is "
-                                 f"{self.source!r}")
-            n = len(classes_of(self.source, self.root))  # fails naming the missing index file
-            if "num_classes" in self.model_fields_set and self.num_classes != n:
-                raise ValueError(f"data.num_classes={self.num_classes} but {self.source} under {self.root!r} has "
-                                 f"{n} classes (leave data.num_classes out: it is taken from the data)")
-            if self.num_classes != n:
-                self.num_classes = n
+        if self.source in DATASETS and not self.root:
+            raise ValueError(f"data.root must name the {self.source} dataset's folder when data.source is "
+                             f"{self.source!r}")
         return self
 
 
@@ -449,6 +440,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for ov in overrides or []:
         apply_override(data, ov)
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
+    return _classes_from_data(cfg, data, source)
+
+
+def _classes_from_data(cfg: Config, data: dict, source: str) -> Config:
+    """cub / waterbirds / voc: data.num_classes from the dataset's own class list (read here, where the job
+    starts; workers get the resolved config and never read data.root). A data.num_classes the user set and
+    the data contradict is an error."""
+    d = cfg.data
+    if d.source not in DATASETS:
+        return cfg
+    from xai_core.data.datasets import classes_of
+
+    try:
+        n = len(classes_of(d.source, d.root))  # fails naming the missing index file
+    except ValueError as e:
+        raise ConfigError(f"invalid config ({source}):\n  data.root: {e}") from None
+    given = (data.get("data") or {}).get("num_classes")
+    if given is not None and int(given) != n:
+        raise ConfigError(f"invalid config ({source}):\n  data.num_classes={given} but {d.source} under "
+                          f"{d.root!r} has {n} classes (leave data.num_classes out: it is taken from the data)")
+    if d.num_classes != n:
+        d.num_classes = n
+    return cfg

@@ -116,6 +116,14 @@ def test_dataset_sources_take_their_classes_from_the_data(tmp_path: Path):
     cub = write_cub(tmp_path)
     cfg = load_config(ROOT / "configs/smoke.yaml", ["data.source=cub", f"data.root={cub}"])
     assert cfg.data.num_classes == 3  # classes.txt ids 1, 5, 9: no cap of 6, no gaps
+    import shutil
+
+    from pipelines.config import Config
+
+    dumped = cfg.model_dump(mode="json")
+    shutil.rmtree(cub)  # what a Ray worker does with the config: no read of data.root (not on its node)
+    assert Config.model_validate(dumped).data.num_classes == 3
+    cub = write_cub(tmp_path)
     with pytest.raises(ConfigError, match=r"data.num_classes=200 but cub under .* has 3 classes"):
         load_config(ROOT / "configs/smoke.yaml", ["data.source=cub", f"data.root={cub}", "data.num_classes=200"])
     with pytest.raises(ConfigError, match=r"data.root must name the waterbirds dataset's folder"):
