@@ -430,42 +430,52 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
                 log.info("train: %s already committed, skipped", key)
                 checkpoints[key] = st.committed(store, f"{STAGE}/{key}", mh).get("checkpoints", {})
                 continue
-            run_id = tracker.find_or_create(f"train/{key}", {"xai.stage": "train", "xai.model": key},
-                                            parent_id=stage_run)
-            for split, context in (("train", "training"), ("val", "validation")):
-                if ingest_manifest["files"].get(split):
-                    tracker.log_dataset(run_id, f"{cfg.name}-{cfg.data.source}-{split}", ingest_manifest["config_hash"],
-                                        store.uri(ingest.STAGE, split), ingest_manifest["rows"][split], context)
-            section = {"adv_whole": "scaat", "adv_random": "scaat"}.get(mode, mode)  # the section the mode reads
-            tracker.log_params(run_id, {"mode": mode, "seed": seed, "train": cfg.train.model_dump(),
-                                        section: getattr(cfg, section).model_dump() if hasattr(cfg, section) else {}})
-            common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan, "val": val}
-            if mode == "consistency":
-                records = _train_consistency(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
-            elif mode == "jtt":
-                records = _train_jtt(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
-            elif mode == "group_balanced":
-                groups = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["idx", "group"])["group"]
-                ds = ingest.fit_input(store, ingest_manifest, "train", ["idx", "image", "label"], shard_limit(cfg),
-                                      weights=group_weights(groups))
-                records = fit(cfg, store, ds, mode=mode, epochs=cfg.train.epochs,
-                              name=f"{cfg.name}-{key}-{mh[:8]}", **common)
-            else:
-                records = fit(cfg, store, train_ds, mode=mode, epochs=cfg.train.epochs,
-                              name=f"{cfg.name}-{key}-{mh[:8]}", **common)
-                if mode == "erm":  # round 0 of consistency training starts here (METHODS §5a)
-                    w0 = warmup_epochs(cfg)
-                    for epoch, _metrics, data in records:
-                        if epoch == w0:
-                            store.write_bytes(data, warmup_path(cfg, seed))
-            checkpoints[key] = _save_model(store, key, mh, records, mode=mode, seed=seed)
-            best = checkpoints[key]["best_val_worst_group"]
-            tracker.log_metrics(run_id, {f"best_val_worst_group_{k}": v for k, v in best.items()
-                                         if k != "path" and v is not None})
-            _log_model(cfg, tracker, run_id, records[-1][2], key)
-            tracker.finish(run_id)
+            checkpoints[key] = train_model(cfg, store, ingest_manifest, train_ds, tracker, stage_run, plan, val,
+                                           mode, seed)[1]
     manifest = st.commit(store, STAGE, h, files=models, checkpoints=checkpoints, rows={"models": len(models)})
     return manifest, True
+
+
+def train_model(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any, stage_run: str,
+                plan: Any, val: dict | None, mode: str, seed: int, log_model: bool = True
+                ) -> tuple[list[tuple[int, dict, bytes]], dict]:
+    """Train and commit one (mode, seed) model exactly as the train stage does (also what a Tune trial of the
+    training-knob sweep runs, pipelines/sweep.py); returns (its epochs' records, its checkpoints entry)."""
+    key, mh = model_key(mode, seed), model_hash(cfg, mode, seed)
+    run_id = tracker.find_or_create(f"train/{key}", {"xai.stage": "train", "xai.model": key, "xai.model_hash": mh},
+                                    parent_id=stage_run)
+    for split, context in (("train", "training"), ("val", "validation")):
+        if ingest_manifest["files"].get(split):
+            tracker.log_dataset(run_id, f"{cfg.name}-{cfg.data.source}-{split}", ingest_manifest["config_hash"],
+                                store.uri(ingest.STAGE, split), ingest_manifest["rows"][split], context)
+    section = {"adv_whole": "scaat", "adv_random": "scaat"}.get(mode, mode)  # the section the mode reads
+    tracker.log_params(run_id, {"mode": mode, "seed": seed, "train": cfg.train.model_dump(),
+                                section: getattr(cfg, section).model_dump() if hasattr(cfg, section) else {}})
+    common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan, "val": val}
+    if mode == "consistency":
+        records = _train_consistency(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
+    elif mode == "jtt":
+        records = _train_jtt(cfg, store, ingest_manifest, train_ds, tracker, mh, key, common)
+    elif mode == "group_balanced":
+        groups = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["idx", "group"])["group"]
+        ds = ingest.fit_input(store, ingest_manifest, "train", ["idx", "image", "label"], shard_limit(cfg),
+                              weights=group_weights(groups))
+        records = fit(cfg, store, ds, mode=mode, epochs=cfg.train.epochs, name=f"{cfg.name}-{key}-{mh[:8]}", **common)
+    else:
+        records = fit(cfg, store, train_ds, mode=mode, epochs=cfg.train.epochs, name=f"{cfg.name}-{key}-{mh[:8]}",
+                      **common)
+        if mode == "erm":  # round 0 of consistency training starts here (METHODS §5a)
+            for epoch, _metrics, data in records:
+                if epoch == warmup_epochs(cfg):
+                    store.write_bytes(data, warmup_path(cfg, seed))
+    checkpoints = _save_model(store, key, mh, records, mode=mode, seed=seed)
+    best = checkpoints["best_val_worst_group"]
+    tracker.log_metrics(run_id, {f"best_val_worst_group_{k}": v for k, v in best.items()
+                                 if k != "path" and v is not None})
+    if log_model:
+        _log_model(cfg, tracker, run_id, records[-1][2], key)
+    tracker.finish(run_id)
+    return records, checkpoints
 
 
 def warmup_path(cfg: Any, seed: int) -> str:
