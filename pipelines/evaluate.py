@@ -268,10 +268,11 @@ class EvalActor:
 
     @staticmethod
     def _box_levels(maps: torch.Tensor, boxes: torch.Tensor) -> np.ndarray:
-        """box_iou_levels [B,256] of the images with a box (x0 >= 0), NaN rows for the others."""
+        """box_iou_levels [B,LEVELS] of the images with a box (x0 >= 0), NaN rows for the others."""
         from xai_core.metrics import box_iou_levels
+        from xai_core.metrics.boxes import LEVELS
 
-        out = np.full((len(maps), 256), np.nan, np.float32)
+        out = np.full((len(maps), LEVELS), np.nan, np.float32)
         has = (boxes >= 0).all(1)
         if bool(has.any()):
             out[has.cpu().numpy()] = box_iou_levels(maps[has], boxes[has]).float().cpu().numpy()

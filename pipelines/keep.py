@@ -59,10 +59,6 @@ def units(store: st.Storage) -> list[str]:
     return found
 
 
-def _same(a: bytes | None, b: Path) -> bool:
-    return a is not None and b.is_file() and b.read_bytes() == a
-
-
 SLIM = {"precompute": "samples"}  # stage -> the file list of its units that is not kept
 
 
@@ -84,19 +80,18 @@ def save(store: st.Storage, kept: Path) -> list[str]:
     copied = []
     for rel in units(store):
         dest = kept / rel
-        manifest = store.read_bytes(rel, st.MANIFEST)
-        drop = SLIM.get(rel.split("/")[0])
-        if drop and "/" in rel:
+        original = manifest = store.read_bytes(rel, st.MANIFEST)
+        drop = SLIM.get(rel.split("/")[0]) if "/" in rel else None
+        if drop:
             if not _consumer_committed(store, rel):
                 continue
-            manifest = _slim(manifest, drop)
-        if _same(manifest, dest / st.MANIFEST):
+            manifest = _slim(original, drop)
+        if (dest / st.MANIFEST).is_file() and (dest / st.MANIFEST).read_bytes() == manifest:
             continue
         tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         src = store.path(rel)
-        left_out = {store.path(f) for f in json.loads(store.read_bytes(rel, st.MANIFEST))["files"].get(drop, [])
-                    } if drop else set()
+        left_out = {store.path(f) for f in json.loads(original)["files"].get(drop, [])} if drop else set()
         for path in store.list_files(rel):
             if path in left_out:
                 continue

@@ -6,6 +6,7 @@ by tags, so a rerun of the same config continues the same parent run instead of 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -112,9 +113,13 @@ class Tracker:
         if exp is None or KIND_TAG not in exp.tags:
             # MLflow 3's UI opens an experiment without this tag on its GenAI (traces) overview
             self.client.set_experiment_tag(self.experiment_id, KIND_TAG, "custom_model_development")
+
+    @functools.cached_property
+    def source_tags(self) -> dict[str, str]:
+        """Tags of every run this tracker creates: entry point and git revision (computed on first use: the
+        trackers of training workers only log metrics and never pay for ``git``)."""
         entry = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "xai_ray"
-        self.source_tags = {"mlflow.source.name": entry, "mlflow.source.type": "JOB",
-                            "mlflow.source.git.commit": git_revision()}
+        return {"mlflow.source.name": entry, "mlflow.source.type": "JOB", "mlflow.source.git.commit": git_revision()}
 
     def log_dataset(self, run_id: str, name: str, digest: str, source: str, rows: int, context: str) -> None:
         """Record a dataset as an MLflow input of a run (the UI's Dataset column): its name, digest (the

@@ -29,6 +29,7 @@ are left out and listed in ``Listing.skipped`` as (where, reason).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -142,7 +143,7 @@ def _hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[R
         raise ValueError(f"val_fraction={fraction!r}: expected a fraction in (0, 1)")
     n_val = max(1, round(fraction * len(records))) if len(records) > 1 else 0
     pick = set(np.random.default_rng(seed).permutation(len(records))[:n_val].tolist())
-    val = [Record(**{**r.__dict__, "split": "val"}) for i, r in enumerate(records) if i in pick]
+    val = [dataclasses.replace(r, split="val") for i, r in enumerate(records) if i in pick]
     return [r for i, r in enumerate(records) if i not in pick], val
 
 

@@ -104,8 +104,7 @@ def box_hits(maps: torch.Tensor, boxes: torch.Tensor, cam_thresholds: torch.Tens
     """Hits [B,D,T] (bool): whether image b's best contour box at CAM threshold t has IoU >= delta_d with
     one of its ground-truth boxes. Concatenate over batches, then ``max_box_acc``."""
     check_maps(maps)
-    b, h, w = maps.shape
-    gt, valid = _check_boxes(boxes, b, maps.device)
+    gt, valid = _check_boxes(boxes, maps.shape[0], maps.device)
     t = default_cam_thresholds() if cam_thresholds is None else torch.as_tensor(cam_thresholds)
     t = t.to(dtype=torch.float64, device=maps.device).flatten()
     if t.numel() == 0 or bool(((t < 0) | (t > 1)).any()):
@@ -117,15 +116,22 @@ def box_hits(maps: torch.Tensor, boxes: torch.Tensor, cam_thresholds: torch.Tens
     qmax = q.flatten(1).amax(1).to(torch.float64)
     k = torch.floor(t[None] * qmax[:, None]).long()  # [B,T] the reference's int(t * max(scoremap_image))
     levels, which = torch.unique(k, return_inverse=True)
-    best = torch.empty(b, len(levels), dtype=torch.float64, device=maps.device)
+    iou = _iou_at_levels(q, gt, valid, levels).gather(1, which)  # [B,T]
+    return iou[:, None, :] >= deltas[None, :, None]
+
+
+def _iou_at_levels(q: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """Best contour-box IoU [B,L] of each quantised map [B,H,W] with foreground q > level, for each level;
+    the (image x level) masks are labelled in passes of _PIXELS_PER_PASS pixels."""
+    b, h, w = q.shape
+    best = torch.empty(b, len(levels), dtype=torch.float64, device=q.device)
     step = max(1, _PIXELS_PER_PASS // max(1, b * h * w))
     for i in range(0, len(levels), step):
         lv = levels[i:i + step]
         fg = (q[:, None] > lv[None, :, None, None]).flatten(0, 1)  # [B*L,H,W]
         n = len(lv)
         best[:, i:i + n] = _best_iou(fg, gt.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)).view(b, n)
-    iou = best.gather(1, which)  # [B,T]
-    return iou[:, None, :] >= deltas[None, :, None]
+    return best
 
 
 LEVELS = 256  # uint8 quantisation: the foreground at any CAM threshold is q > k for one k in 0..255
@@ -137,17 +143,9 @@ def box_iou_levels(maps: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     threshold grid (a stored row of the evaluate stage). A constant map holds its one box's IoU at every
     level. ``max_box_acc_from_levels`` turns a set's rows into MaxBoxAcc."""
     check_maps(maps)
-    b, h, w = maps.shape
-    gt, valid = _check_boxes(boxes, b, maps.device)
+    gt, valid = _check_boxes(boxes, maps.shape[0], maps.device)
     q = _quantised(maps)
-    out = torch.empty(b, LEVELS, dtype=torch.float64, device=maps.device)
-    step = max(1, _PIXELS_PER_PASS // max(1, b * h * w))
-    levels = torch.arange(LEVELS, device=maps.device)
-    for i in range(0, LEVELS, step):
-        lv = levels[i:i + step]
-        n = len(lv)
-        fg = (q[:, None] > lv[None, :, None, None]).flatten(0, 1)
-        out[:, i:i + n] = _best_iou(fg, gt.repeat_interleave(n, 0), valid.repeat_interleave(n, 0)).view(b, n)
+    out = _iou_at_levels(q, gt, valid, torch.arange(LEVELS, device=maps.device))
     const = q.flatten(1).amax(1) == 0  # no foreground at any level: the reference's box (0, 0, 0, 0)
     return torch.where(const[:, None], out[:, :1].expand(-1, LEVELS), out)
 

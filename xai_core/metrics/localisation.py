@@ -73,24 +73,19 @@ def pointing_game_per_class(maps: torch.Tensor, masks: torch.Tensor, classes: to
     TorchRay leaves out a class whose VOC objects are all "difficult" and, on its difficult subset, the pairs
     not flagged. Pairs with an empty mask are left out too. The benchmark's number is ``.nanmean()``."""
     maps, masks = _check_maps_masks(maps, masks)
-    p, h, w = maps.shape
+    p = maps.shape[0]
     classes = torch.as_tensor(classes, device=maps.device).long()
     if tuple(classes.shape) != (p,) or bool(((classes < 0) | (classes >= num_classes)).any()):
         seen = f", values {classes.unique().tolist()[:10]}" if classes.numel() else ""
         raise ValueError(f"classes must be [{p}] class ids in [0, {num_classes}), "
                          f"got shape {tuple(classes.shape)}{seen}")
-    if isinstance(tolerance, bool) or not isinstance(tolerance, int | float) or not tolerance >= 0:
-        raise ValueError(f"tolerance={tolerance!r}: a number of pixels >= 0")
     keep = torch.ones(p, dtype=torch.bool, device=maps.device) if keep is None else \
         torch.as_tensor(keep, device=maps.device).bool()
     if tuple(keep.shape) != (p,):
         raise ValueError(f"keep must be [{p}] (one flag per pair), got {tuple(keep.shape)}")
-    idx = maps.flatten(1).argmax(1)
-    py, px = (idx // w).view(p, 1, 1), (idx % w).view(p, 1, 1)
-    d2 = (torch.arange(h, device=maps.device).view(1, h, 1) - py) ** 2 + \
-        (torch.arange(w, device=maps.device).view(1, 1, w) - px) ** 2
-    hit = ((d2 < tolerance * tolerance) & masks).flatten(1).any(1)
-    counted = keep & masks.flatten(1).any(1)
+    hit = pointing_game(maps, masks, tolerance, strict=True)  # NaN where the mask is empty
+    counted = keep & ~hit.isnan()
+    hit = hit.nan_to_num(0.0) > 0.5
     hits = torch.zeros(num_classes, dtype=torch.float64, device=maps.device)
     total = torch.zeros_like(hits)
     hits.index_add_(0, classes[counted], hit[counted].double())
