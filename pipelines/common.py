@@ -249,13 +249,13 @@ def model_hash(cfg: Any, mode: str, seed: int) -> str:
     """What one (mode, seed) model depends on: data, model, the training settings and its mode's own
     section (consistency starts from the ERM warm-up, whose inputs are the same). Changing a SCAAT knob
     retrains only the SCAAT models; adding a seed trains only the new ones."""
-    from pipelines.config import digest, section_dump
+    from pipelines.config import ADV_MODES, digest, section_dump
 
     payload = {"data": section_dump(cfg, "data"), "model": section_dump(cfg, "model"),
                "train": section_dump(cfg, "train", exclude=_RUNTIME_KEYS), "mode": mode, "seed": seed}
-    if mode in ("consistency", "scaat", "jtt"):
+    if mode in ("consistency", "jtt"):
         payload[mode] = section_dump(cfg, mode)
-    elif mode in ("adv_whole", "adv_random"):  # SCAAT's loss and budgets, another attack region
+    elif mode in ADV_MODES:  # SCAAT and its controls: SCAAT's loss and budgets, their own attack region
         payload["scaat"] = section_dump(cfg, "scaat")
     return digest(payload)
 

@@ -437,10 +437,9 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
 
 
 def train_model(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any, stage_run: str,
-                plan: Any, val: dict | None, mode: str, seed: int, log_model: bool = True
-                ) -> tuple[list[tuple[int, dict, bytes]], dict]:
-    """Train and commit one (mode, seed) model exactly as the train stage does (also what a Tune trial of the
-    training-knob sweep runs, pipelines/sweep.py); returns (its epochs' records, its checkpoints entry)."""
+                plan: Any, val: dict | None, mode: str, seed: int) -> tuple[list[tuple[int, dict, bytes]], dict]:
+    """Train, commit and log one (mode, seed) model as the train stage does; returns (its epochs' records, its
+    checkpoints entry)."""
     key, mh = model_key(mode, seed), model_hash(cfg, mode, seed)
     run_id = tracker.find_or_create(f"train/{key}", {"xai.stage": "train", "xai.model": key, "xai.model_hash": mh},
                                     parent_id=stage_run)
@@ -448,7 +447,7 @@ def train_model(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: An
         if ingest_manifest["files"].get(split):
             tracker.log_dataset(run_id, f"{cfg.name}-{cfg.data.source}-{split}", ingest_manifest["config_hash"],
                                 store.uri(ingest.STAGE, split), ingest_manifest["rows"][split], context)
-    section = {"adv_whole": "scaat", "adv_random": "scaat"}.get(mode, mode)  # the section the mode reads
+    section = "scaat" if mode in ADV_MODES else mode  # the config section the mode reads
     tracker.log_params(run_id, {"mode": mode, "seed": seed, "train": cfg.train.model_dump(),
                                 section: getattr(cfg, section).model_dump() if hasattr(cfg, section) else {}})
     common = {"seed": seed, "run_id": run_id, "tracking_uri": tracker.uri, "plan": plan, "val": val}
@@ -472,8 +471,7 @@ def train_model(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: An
     best = checkpoints["best_val_worst_group"]
     tracker.log_metrics(run_id, {f"best_val_worst_group_{k}": v for k, v in best.items()
                                  if k != "path" and v is not None})
-    if log_model:
-        _log_model(cfg, tracker, run_id, records[-1][2], key)
+    _log_model(cfg, tracker, run_id, records[-1][2], key)
     tracker.finish(run_id)
     return records, checkpoints
 
