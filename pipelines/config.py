@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (site-packages when installed: nothing lives there)
 CONFIGS = Path(__file__).resolve().parent / "configs"  # the shipped configs, inside the package
-STAGES = ("ingest", "train", "sweep", "evaluate", "report")
+STAGES = ("ingest", "tune", "train", "sweep", "evaluate", "report")
 # erm, the two papers' training methods, and their baselines and controls (issue 20): jtt (Just Train Twice),
 # group_balanced (group-oracle reweighting), adv_whole / adv_random (SCAAT's loss attacking the whole image /
 # a random region of the size of SCAAT's low-saliency region)
@@ -160,6 +160,12 @@ class ConsistencyConfig(_Section):
     # image, similarity weight), keep (not attacked, similarity weight), one (weight 1), exclude (weight 0);
     # counted per round and group either way (xai_core.objectives.DEGENERATE)
     degenerate: Literal["legacy", "keep", "one", "exclude"] = "legacy"
+    # the reweighted rounds: their learning rate (None: train.lr), whether each round starts with a fresh Adam
+    # state instead of the checkpoint's, and whether it fine-tunes the previous round's model or retrains a
+    # fresh one (seeded like every model) for round_epochs with the round's weights
+    lr: float | None = Field(None, gt=0)
+    reset_optimizer: bool = False
+    init: Literal["finetune", "scratch"] = "finetune"
 
 
 class ScaatConfig(_Section):
@@ -215,6 +221,10 @@ class EvaluateConfig(_Section):
     # WSOL (CUB, ...): per method row, the best contour-box IoU at each of the 256 map levels (box_iou_levels),
     # from which the report computes MaxBoxAccV2 over the test split; images without a box get NaN
     wsol_boxes: bool = False
+    # mode -> the methods evaluated on its models (a subset of `methods`; a mode not named gets them all): the
+    # training comparison needs only the maps its table and claims read (e.g. saliency and gradcam), the
+    # attribution comparison runs every method on the ERM models (and their random-weight copies)
+    mode_methods: dict[Mode, list[str]] = {}
 
     @field_validator("methods")
     @classmethod
@@ -223,6 +233,14 @@ class EvaluateConfig(_Section):
         if bad:
             raise ValueError(f"unknown method(s) {bad}; allowed: {', '.join(EVAL_METHODS)}")
         return v
+
+    @model_validator(mode="after")
+    def _mode_methods_evaluated(self) -> EvaluateConfig:
+        for mode, methods in self.mode_methods.items():
+            bad = [m for m in methods if m not in self.methods]
+            if bad:
+                raise ValueError(f"evaluate.mode_methods.{mode}: {bad} not in evaluate.methods {self.methods}")
+        return self
 
 
 class SweepConfig(_Section):
@@ -233,11 +251,13 @@ class SweepConfig(_Section):
     metric: Literal["pxap", "iou", "energy_pointing_game", "pointing_game"] = "pxap"
     n_val: int = Field(128, ge=4)
     model: Mode = "erm"
-    # Optional sweep over training knobs (each trial a TorchTrainer under Tune with ASHA).
-    train_mode: Literal["consistency", "scaat"] | None = None
+    # The first version's training-knob sweep (its own per-batch algorithm, from scratch, ASHA on val_acc) is
+    # gone: the tune section sweeps train.py's own training. The keys stay at these values only so that runs
+    # committed before keep their stage keys; setting them is an error that says where the sweep went.
+    train_mode: None = None
     train_space: dict[str, list[Any]] = {}
-    train_trials: int = Field(4, ge=1)
-    train_epochs: int = Field(4, ge=1)
+    train_trials: int = 4
+    train_epochs: int = 4
     # HAF's steps and learning rate from its objective curve (METHODS §3): each HAF reading in evaluate.methods
     # runs haf_max_steps Adam steps at every lr in haf_lrs on the first haf_images validation images of the
     # sweep model; the lr with the lowest final mean objective wins, and steps = the first step whose mean
@@ -246,6 +266,17 @@ class SweepConfig(_Section):
     haf_max_steps: int = Field(100, ge=1)
     haf_tol: float = Field(0.1, ge=0)
     haf_images: int = Field(64, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_knob_sweep(cls, data: Any) -> Any:
+        old = {"train_mode": None, "train_space": {}, "train_trials": 4, "train_epochs": 4}
+        if isinstance(data, dict) and any(k in data and data[k] != v for k, v in old.items()):
+            raise ValueError("sweep.train_mode / train_space / train_trials / train_epochs: the training-knob sweep "
+                             "moved to the tune section and runs train.py's own training: tune.spaces: "
+                             "{consistency: {consistency.power: [1, 2]}}, tune.seeds, tune.metric, tune.search, "
+                             "tune.trials (README, 'Sweeping training knobs')")
+        return data
 
     @field_validator("haf_lrs")
     @classmethod
@@ -284,6 +315,58 @@ class TrackingConfig(_Section):
     register_models: bool = True
 
 
+TUNE_METRICS = {"val_worst_group_acc": "max", "val_acc": "max", "val_saliency_gini": "max",
+                "val_deletion_auc": "min"}
+# which config sections a mode's knobs may live in (train.* is every mode's)
+KNOB_SECTIONS = {"consistency": ("consistency", "train"), "jtt": ("jtt", "train"), "erm": ("train",),
+                 "group_balanced": ("train",), **{m: ("scaat", "train") for m in ADV_MODES}}
+
+
+class TuneConfig(_Section):
+    """The training-knob sweep (``pipelines.sweep.run_knobs``, before train): per mode, Ray Tune trials of
+    train.py's own per-model function (``train.train_model``: warm-up, rounds, precompute, weights) on the
+    validation split; each trial averages ``seeds`` (kept apart from train.seeds) and is scored by ``metric``
+    at the checkpoint evaluate.checkpoint selects. The best setting of each mode then trains train.seeds.
+    SCAAT's controls (adv_whole, adv_random) take SCAAT's chosen setting unless swept themselves."""
+
+    spaces: dict[str, dict[str, list[Any]]] = {}  # mode -> {"section.key": [values]}
+    search: Literal["grid", "random"] = "grid"  # grid: every combination; random: `trials` draws per mode
+    trials: int = Field(4, ge=1)
+    seeds: list[int] = [100, 101]
+    metric: Literal["val_worst_group_acc", "val_acc", "val_saliency_gini", "val_deletion_auc"] = \
+        "val_worst_group_acc"
+    explain_images: int = Field(128, ge=1)  # validation images for val_saliency_gini / val_deletion_auc
+    keep_models: bool = False  # keep each trial's models (else only their manifests and weights)
+
+    @field_validator("spaces")
+    @classmethod
+    def _spaces_known(cls, v: dict[str, dict[str, list[Any]]]) -> dict[str, dict[str, list[Any]]]:
+        owner: dict[str, str] = {}
+        for mode, space in v.items():
+            if mode not in MODES:
+                raise ValueError(f"tune.spaces: unknown mode {mode!r}; allowed: {', '.join(MODES)}")
+            for key, values in space.items():
+                section = key.split(".", 1)[0]
+                if "." not in key or section not in KNOB_SECTIONS[mode]:
+                    raise ValueError(f"tune.spaces.{mode}: knob {key!r} must be a key of section "
+                                     f"{' or '.join(KNOB_SECTIONS[mode])} (e.g. {KNOB_SECTIONS[mode][0]}.<key>)")
+                if not isinstance(values, list) or not values:
+                    raise ValueError(f"tune.spaces.{mode}.{key}: expected a non-empty list of values, got {values!r}")
+                if key in owner:
+                    raise ValueError(f"tune.spaces: {key!r} is swept for both {owner[key]!r} and {mode!r}; one "
+                                     "config trains every mode, so a knob can have one chosen value (SCAAT's "
+                                     "controls take SCAAT's setting when they are not swept)")
+                owner[key] = mode
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_present(cls, v: list[int]) -> list[int]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError(f"tune.seeds {v}: expected distinct seeds, at least one (two or more to average)")
+        return v
+
+
 class RayConfig(_Section):
     address: str | None = None  # None: RAY_ADDRESS / a job's cluster, else a local one
     num_cpus: int | None = Field(None, ge=1)  # logical CPUs of a local cluster; None: 2x physical
@@ -300,6 +383,7 @@ class Config(_Section):
     precompute: PrecomputeConfig = PrecomputeConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     sweep: SweepConfig = SweepConfig()
+    tune: TuneConfig = TuneConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     ray: RayConfig = RayConfig()
@@ -333,6 +417,14 @@ class Config(_Section):
         if patch and self.data.size % int(patch[1]):
             raise ValueError(f"model.arch={self.model.arch!r} has patch size {patch[1]}: data.size="
                              f"{self.data.size} must be a multiple of it")
+        if self.tune.spaces:
+            overlap = sorted(set(self.tune.seeds) & set(self.train.seeds))
+            if overlap:
+                raise ValueError(f"tune.seeds {self.tune.seeds} and train.seeds {self.train.seeds} share {overlap}: "
+                                 "the sweep's seeds are kept apart from the final models' ones")
+            untrained = sorted(set(self.tune.spaces) - set(self.train.modes))
+            if untrained:
+                raise ValueError(f"tune.spaces sweeps {untrained}, which train.modes={self.train.modes} does not train")
         if self.sweep.model not in self.train.modes:
             raise ValueError(f"sweep.model={self.sweep.model!r} is not trained: train.modes="
                              f"{self.train.modes}")
@@ -347,8 +439,9 @@ class Config(_Section):
 # valid when the code learns an option it did not use); set to anything else, they enter it.
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False, "root": None, "val_fraction": 0.1},
                                              "model": {"weights": None, "normalize": "auto"},
-                                             "evaluate": {"wsol_boxes": False},
-                                             "consistency": {"degenerate": "legacy"},
+                                             "evaluate": {"wsol_boxes": False, "mode_methods": {}},
+                                             "consistency": {"degenerate": "legacy", "lr": None,
+                                                             "reset_optimizer": False, "init": "finetune"},
                                              "train": {"loss": "ce"}}
 
 
@@ -359,6 +452,23 @@ def section_dump(cfg: Config, section: str, exclude: set[str] | tuple[str, ...] 
         if k in d and d[k] == v:
             del d[k]
     return d
+
+
+def with_knobs(cfg: Config, knobs: dict[str, Any]) -> Config:
+    """``cfg`` with dotted keys set (a knob-sweep setting, e.g. {"consistency.power": 2}), validated again."""
+    data = cfg.model_dump(mode="json")
+    for key, value in knobs.items():
+        *head, last = key.split(".")
+        node = data
+        for p in head:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or last not in node:
+            raise ConfigError(f"knob {key!r}: no such config key")
+        node[last] = value
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, f"knobs {knobs}")) from None
 
 
 def digest(payload: Any) -> str:

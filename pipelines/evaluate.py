@@ -238,16 +238,17 @@ class EvalActor:
                 acc_cols[f"robust_acc_{round(eps * 255)}"] = self._accuracy(model, xa, t)["correct"]
             out.append(self._rows(batch, key, "none", acc_cols))
             correct = acc_cols["correct"] if pairs is None else acc_cols["correct"][pairs.image.to(self.device)]
-            maps = {m: explain_fn(self.cfg, m, self.alphas)(self._for(key, m), x, target) for m in e.methods}
+            methods = methods_of(self.cfg, key)
+            maps = {m: explain_fn(self.cfg, m, self.alphas)(self._for(key, m), x, target) for m in methods}
             # every curve of the model in one set: the points all curves share (x, its blurred copy) run once,
             # and the random-order deletion curve does not depend on the map, so one serves every method
-            series: dict = {(m, mode): Curve(mode, maps[m]) for m in e.methods for mode in ("deletion", "insertion")}
-            if e.methods:
+            series: dict = {(m, mode): Curve(mode, maps[m]) for m in methods for mode in ("deletion", "insertion")}
+            if methods:
                 series["random"] = Curve("deletion", order="random",
                                          generator=draw_generator(first, key, "deletion_random"))
             curves, frac = perturbation_curve_set(self.fast[key], xp, yp, series, n_steps=e.deletion_steps)
             auc = {k: torch.trapezoid(c, frac, dim=1) for k, c in curves.items()}
-            for method in e.methods:
+            for method in methods:
                 m = maps[method]
                 cols = {"pointing_game": pointing_game(m, maskp),
                         "energy_pointing_game": energy_pointing_game(m, maskp),
@@ -288,7 +289,7 @@ class EvalActor:
                              self.cfg.data.num_classes)
         out = []
         for key in self.models:
-            for method in self.cfg.evaluate.methods:
+            for method in methods_of(self.cfg, key):
                 # raw maps: the three query classes of an image on one scale (METHODS §3)
                 fn = explain_fn(self.cfg, method, self.alphas, raw=True)
                 res = dwsol(self._for(key, method), t["image"], t["label"].long(), t["label2"].long(), t["mask"].bool(),
@@ -313,6 +314,14 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
                 chunks.append(np.full((m, *np.asarray(ref).shape[1:]), np.nan, np.float32))
         out[k] = np.concatenate(chunks)
     return out
+
+
+def methods_of(cfg: Any, key: str) -> list[str]:
+    """The methods evaluated on model ``key`` (<mode>_s<seed>, random_s<seed>): evaluate.mode_methods[mode]
+    where given (in evaluate.methods' order), else every method; the random-weight copies are ERM's baseline."""
+    mode = key.rsplit("_s", 1)[0]
+    only = cfg.evaluate.mode_methods.get("erm" if mode == "random" else mode)
+    return [m for m in cfg.evaluate.methods if only is None or m in only]
 
 
 def config_hash(cfg: Any, alphas: dict[str, float]) -> str:
@@ -352,9 +361,9 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
             shard = f"{STAGE}/{split}/{lo:06d}"
             if split == "test":  # accuracy rows for every image, method rows for the attribution subset
                 method_rows = sum(per_image.get(i, 0) for i in range(lo, min(hi, n_methods)))
-                expected = len(evaluated) * ((hi - lo) + method_rows * len(e.methods))
+                expected = sum((hi - lo) + method_rows * len(methods_of(cfg, k)) for k in evaluated)
             else:
-                expected = (hi - lo) * len(evaluated) * len(e.methods)
+                expected = (hi - lo) * sum(len(methods_of(cfg, k)) for k in evaluated)
             if (done := st.committed(store, shard, h)) is not None:
                 log.info("evaluate: %s images %d-%d already committed, skipped", split, lo, hi - 1)
             else:
@@ -473,7 +482,7 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
             x, y = data["image"][: e.detection_images], data["label"][: e.detection_images].long()
             for eps in e.pgd_eps:
                 tag = f"eps{round(eps * 255)}"
-                for method in [m for m in DETECTION_METHODS if m in e.methods]:
+                for method in [m for m in DETECTION_METHODS if m in methods_of(cfg, key)]:
                     d = detection_cv(model, x, y, explain_fn(cfg, method, alphas), eps=eps,
                                      steps=e.pgd_steps, folds=5, seed=0)
                     for k in ("auroc", "low", "high"):
@@ -482,7 +491,7 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
                     res[f"attack_success_{tag}"] = float(d["attack_success"])
         if e.randomisation_images:
             x, y = data["image"][: e.randomisation_images], data["label"][: e.randomisation_images].long()
-            for method in [m for m in ("gradcam", "saliency", "tif", "haf") if m in e.methods]:
+            for method in [m for m in ("gradcam", "saliency", "tif", "haf") if m in methods_of(cfg, key)]:
                 corr = model_randomisation(model, x, y, explain_fn(cfg, method, alphas))
                 for layer, rho in corr.items():
                     res[f"randomisation_{method}_{layer}"] = float(torch.nanmean(rho))

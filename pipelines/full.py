@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import logging
 import os
 import sys
@@ -177,6 +178,7 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
         return manifest
 
     def run_stages() -> None:  # returns after the stage that --only or --until names
+        nonlocal cfg  # the training-knob sweep's best settings replace the swept keys
         r = stage_run("ingest")
         if wanted("ingest"):
             ing, did = ingest.run(cfg, store, force="ingest" in force)
@@ -185,6 +187,17 @@ def run_pipeline(cfg: object, args: argparse.Namespace) -> int:
         if last("ingest"):
             return
         ing = need("ingest", st.committed(store, ingest.STAGE, ingest.config_hash(cfg)))
+        if cfg.tune.spaces:  # the training-knob sweep: each swept mode's best setting is what train trains
+            if wanted("tune"):
+                r = stage_run("tune")
+                best, did = sweep.run_knobs(cfg, store, ing, tracker, r, plan, force="tune" in force)
+                note("tune", did, r)
+            else:
+                best = need("tune", sweep.committed_knobs(cfg, store))
+            cfg = sweep.tuned_config(cfg, best)
+            tracker.set_tags(parent, {"tuned_knobs": json.dumps(sweep.merged_knobs(best), sort_keys=True)})
+        if last("tune"):
+            return
         r = stage_run("train")
         if wanted("train"):
             tr, did = train.run(cfg, store, ing, tracker, r, plan, force="train" in force)

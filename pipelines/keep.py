@@ -13,9 +13,11 @@ Left out: ``ingest`` (rebuilt from the config: the synthetic benchmark is seeded
 source reads the same files again), ``report`` (cheap, rebuilt from evaluate), and the training images a
 precompute round holds (``samples``, 165 MB a round in the paper config): a round is kept as its manifest
 and weights.parquet (what the report reads), marked ``kept_without``, and only once the consistency model it
-trained is committed; precompute redoes a round kept so if it is ever needed again. The ERM warm-up and
-round checkpoints lying loose in train/ travel with train once it is committed; a restored run that still
-has to train a consistency model retrains its warm-up. A unit is copied to a temporary sibling and renamed
+trained is committed; precompute redoes a round kept so if it is ever needed again. The round checkpoints
+lying loose in train/ travel with train once it is committed; the ERM warm-ups (warmups/) are not kept: a
+restored run that still has to train a consistency model retrains its warm-up. A knob-sweep trial's folder
+(tune/<mode>/trials/...) is kept with its mode once that is committed, as the trial left it (manifests and
+weights, its models only with tune.keep_models). A unit is copied to a temporary sibling and renamed
 into place, so a killed ``save`` leaves either the old unit or the new one. Units whose config hash no
 longer matches are still copied: the pipeline compares hashes and redoes them.
 """

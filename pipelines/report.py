@@ -220,6 +220,14 @@ def _table_html(df: Any, title: str) -> str:
     return f"<h2>{html.escape(title)}</h2>" + df.to_html(float_format=lambda v: f"{v:.3f}", border=0)
 
 
+def tune_results(cfg: Any, store: st.Storage) -> dict[str, dict]:
+    """The training-knob sweep's results.json of every swept mode that has one (``sweep.run_knobs``)."""
+    from pipelines.sweep import KNOBS_STAGE
+
+    return {m: store.read_json(KNOBS_STAGE, m, "results.json") for m in cfg.tune.spaces
+            if store.exists(KNOBS_STAGE, m, "results.json")}
+
+
 def config_hash(cfg: Any, evaluate_manifest: dict) -> str:
     return evaluate_manifest["config_hash"] + "-" + cfg.section_hash("evaluate")[:6]
 
@@ -284,6 +292,16 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
              f"models: {', '.join(sorted(train_manifest['files']))}</p>"]
     for title, df in tables.items():
         parts.append(_table_html(df, title))
+    tune = tune_results(cfg, store)
+    for mode, res in tune.items():
+        import pandas as pd
+
+        frame = pd.DataFrame([{"setting": ", ".join(f"{k}={v}" for k, v in sorted(t["knobs"].items())),
+                               "chosen": t["knobs"] == res["best"],
+                               **{k: t[k] for k in ("val_worst_group_acc", "val_acc", "val_saliency_gini",
+                                                    "val_deletion_auc")}} for t in res["trials"]]).set_index("setting")
+        parts.append(_table_html(frame, f"Knob sweep for {mode} (seeds {res['seeds']}, validation split, chosen by "
+                                        f"{res['metric']}, {res['direction']})"))
     if summary:
         import pandas as pd
         parts.append(_table_html(pd.DataFrame(summary), "Adversarial detection AUROC (§3b) and model "
@@ -310,7 +328,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
 
     dwsol = evaluate.read_frame(store, eval_manifest, "dwsol") if "dwsol" in eval_manifest["files"] else None
     command = f"python pipelines/full.py --config configs/{cfg.name}.yaml"
-    results = results_markdown(cfg, test, dwsol, summary, sweep_result, command, rounds)
+    results = results_markdown(cfg, test, dwsol, summary, sweep_result, command, rounds, tune)
     store.write_bytes(results.encode(), STAGE, "RESULTS.md")
     with tempfile.TemporaryDirectory() as d:
         (Path(d) / "RESULTS.md").write_text(results)

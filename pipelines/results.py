@@ -191,8 +191,30 @@ def group_weighted_accuracy(df: Any, train_groups: np.ndarray) -> Any | None:
     return pd.DataFrame(rows).set_index("model")
 
 
+def tune_markdown(tune: dict[str, dict]) -> list[str]:
+    """The training-knob sweep per mode: its space, every trial (mean over the tune seeds, and each seed), the
+    chosen setting; the lines RESULTS.md and the HTML report show."""
+    out = []
+    for mode, res in tune.items():
+        space = ", ".join(f"{k} in {v}" for k, v in res["space"].items())
+        scores = ("val_worst_group_acc", "val_acc", "val_saliency_gini", "val_deletion_auc")
+        rows = []
+        for t in res["trials"]:
+            per = "; ".join(f"s{p['seed']}: " + ", ".join(f"{p[k]:.3f}" for k in scores) for p in t["per_seed"])
+            chosen = " **(chosen)**" if t["knobs"] == res["best"] else ""
+            rows.append([", ".join(f"{k}={v}" for k, v in sorted(t["knobs"].items())) + chosen,
+                         *[f"{t[k]:.3f}" for k in scores], per])
+        out += [f"Knob sweep for {mode} (Ray Tune, {res['search']} search over {space}; each trial is train.py's "
+                f"training of {mode} on seeds {res['seeds']}, kept apart from the final seeds, scored on the "
+                f"validation split at the evaluated checkpoint; chosen by {res['metric']} ({res['direction']}): "
+                + ", ".join(f"{k}={v}" for k, v in sorted(res["best"].items())) + "):", "",
+                _table(["setting", "val worst group", "val acc", "val saliency Gini", "val deletion AUC",
+                        "per seed (worst group, acc, Gini, deletion)"], rows), ""]
+    return out
+
+
 def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, sweep: dict | None,
-                     command: str, rounds: list[dict] | None = None) -> str:
+                     command: str, rounds: list[dict] | None = None, tune: dict[str, dict] | None = None) -> str:
     """The whole RESULTS.md text."""
     from pipelines.config import MODES
 
@@ -225,6 +247,7 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
             _table(["model", "acc aligned", "acc conflicting", "acc (all)",
                     f"worst group (class x background, >= {MIN_GROUP} images)", "Grad-CAM PG", "Grad-CAM EPG",
                     "saliency deletion AUC", "saliency insertion AUC", "saliency Gini", *eps_cols], rows), ""]
+    out += tune_markdown(tune or {})
     if rounds:
         c = cfg.consistency
         rows = [[str(r["seed"]), str(r["round"])] + [f"{r[k]:.3f}" if k in r else "" for k in (
@@ -257,6 +280,12 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
                 _table(["method", "alpha", *[{"pxap": "PxAP", "iou": "IoU", "energy_pointing_game": "EPG",
                                               "deletion_auc": "deletion AUC", "gini": "Gini"}[c] for c in cols]],
                        rows), ""]
+        same = {"gradcam_thresholded": "gradcam", "tif": "tif_fusion_only"}  # what each is at alpha 0
+        for m, a in sorted(best.items()):
+            if a == 0 and m in same:
+                out += [f"At its best alpha, 0, {m} keeps every value: its maps are {same[m]}'s, so a comparison with "
+                        f"it is a comparison with {same[m]} (no alpha of the grid raised its validation "
+                        f"{sweep['metric']}); the alpha rows above show what thresholding trades instead.", ""]
         for m, c in sorted((sweep.get("haf") or {}).items()):
             curve = c["curves"][f"{c['lr']:g}"]
             by_lr = sorted(c["curves"].items(), key=lambda kv: float(kv[0]))

@@ -28,6 +28,11 @@ class Storage:
     s3_endpoint: str | None = None
     s3_region: str = "us-east-1"
     driver_io_mb: float = 256.0  # splits up to this size are read (and written) without Ray Data tasks
+    # A scoped store (``scoped``): every path lives under <root>/<scope>, except those whose first part is one
+    # of ``shared`` (read from the root, e.g. the run's ingest): a training-knob trial writes its own train and
+    # precompute stages while reading the run's data
+    scope: str = ""
+    shared: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.root_uri.startswith("s3://"):
@@ -50,7 +55,13 @@ class Storage:
 
     def args(self) -> list:
         """What ``Storage(*args)`` rebuilds this store from in another process (Ray workers and actors)."""
-        return [self.root_uri, self.s3_endpoint, self.s3_region, self.driver_io_mb]
+        return [self.root_uri, self.s3_endpoint, self.s3_region, self.driver_io_mb, self.scope, tuple(self.shared)]
+
+    def scoped(self, scope: str, shared: tuple[str, ...] = ("ingest",)) -> Storage:
+        """This store seen from ``<root>/<scope>``: paths starting with a part of ``shared`` still resolve at
+        the root (a trial reads the run's ingest and writes everything else under its own folder)."""
+        inner = f"{self.scope}/{scope.strip('/')}" if self.scope else scope.strip("/")
+        return Storage(self.root_uri, self.s3_endpoint, self.s3_region, self.driver_io_mb, inner, tuple(shared))
 
     def in_driver(self, nbytes: int) -> bool:
         """Whether data of ``nbytes`` are read/written by the driver with pyarrow (``driver_io_mb``)."""
@@ -106,7 +117,10 @@ class Storage:
 
     def path(self, *parts: str) -> str:
         """A path for ``self.fs`` (no scheme)."""
-        return "/".join([self._base, *[p.strip("/") for p in parts if p]])
+        rel = [p.strip("/") for p in parts if p]
+        if self.scope and not (rel and rel[0].split("/", 1)[0] in self.shared):
+            rel = [self.scope, *rel]
+        return "/".join([self._base, *rel])
 
     def uri(self, *parts: str) -> str:
         """A full URI (s3://... or an absolute local path) for tools that take URIs."""

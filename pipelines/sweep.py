@@ -1,6 +1,7 @@
 """Stage sweep: Ray Tune over TIF's alpha (METHODS §2), objective = localisation on the validation split;
-HAF's learning rate and steps from its objective curve (METHODS §3, ``calibrate_haf``); optionally over
-training knobs (each trial a TorchTrainer under Tune, ASHA stops poor trials early).
+HAF's learning rate and steps from its objective curve (METHODS §3, ``calibrate_haf``). Before train, the
+training-knob sweep (``run_knobs``, config section ``tune``): per mode, trials of train.py's own per-model
+function, each averaging seeds kept apart from the final ones, scored on validation.
 
 Runs inside full.py, or on its own against a finished run's outputs (the entry point drives it; this stage
 never imports the entry point):
@@ -14,7 +15,7 @@ from typing import Any
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import KNOB_TRIAL_CPUS, THRESHOLDED, shard_limit, trainer_input
+from pipelines.common import KNOB_TRIAL_CPUS, THRESHOLDED, shard_limit
 
 log = logging.getLogger("xai.sweep")
 STAGE = "sweep"
@@ -208,108 +209,224 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
               "haf": haf}
     store.write_json(result, STAGE, "results.json")
     files = {"results": [f"{STAGE}/results.json"]}
-    if cfg.sweep.train_mode:  # before the commit: the stage is done only when both sweeps are
-        store.write_json(train_knob_sweep(cfg, store, ingest_manifest, tracker, stage_run, plan),
-                         STAGE, "train_sweep.json")
-        files["train_sweep"] = [f"{STAGE}/train_sweep.json"]
     manifest = st.commit(store, STAGE, h, best_alphas=best_alphas, tuned=tuned_settings(result), metric=metric,
                          files=files, rows={"trials": len(rows),
                                             "haf_trials": sum(len(c["curves"]) for c in haf.values())})
     return manifest, True
 
 
-def train_trial(config: dict) -> None:
-    """A Tune trial that trains with one knob setting through a TorchTrainer, reporting every epoch."""
-    import ray.train
-    import ray.tune
-    from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipelines.config import Config, apply_override
-
-    data = dict(config["cfg"])
-    for key, val in config["knobs"].items():
-        apply_override(data, f"{key}={val}")
-    cfg = Config.model_validate(data)
-    store = st.Storage(*config["storage"])
-    data = ingest.fit_input(store, config["ingest"], "train", ["idx", "image", "label"], shard_limit(cfg))
-    given, datasets = trainer_input(data)
-    trainer = TorchTrainer(
-        _train_trial_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "seed": cfg.train.seeds[0],
-                           "storage": config["storage"], "ingest": config["ingest"],
-                           "input": given},
-        scaling_config=ray.train.ScalingConfig(num_workers=1, resources_per_worker={"CPU": config["cpus"]}),
-        **datasets,
-        run_config=ray.train.RunConfig(name=f"trial-{ray.tune.get_context().get_trial_id()}",
-                                       storage_path=store.path("tune"), callbacks=[TuneReportCallback()],
-                                       storage_filesystem=store.fs if store.is_s3 else None),
-    )
-    trainer.fit()
+# ------------------------------------------------------------------------------- training-knob sweep
+KNOBS_STAGE = "tune"  # the training-knob sweep, before train: tune/<mode>/ per swept mode
 
 
-def _train_trial_loop(lc: dict) -> None:
-    """Train with the trial's knobs; after every epoch report validation accuracy (ASHA's signal)."""
-    import ray.train
+def knob_grid(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of a mode's space, in a fixed order (the last key varies fastest)."""
+    import itertools
+
+    keys = list(space)
+    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(space[k] for k in keys))]
+
+
+def knob_label(knobs: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "defaults"
+
+
+def explanation_scores(cfg: Any, model: Any, val: dict[str, Any], n: int) -> dict[str, float]:
+    """Saliency Gini (higher = sparser) and saliency deletion AUC (lower = more faithful) of a model on the
+    first ``n`` validation images: the explanation objectives a SCAAT sweep can be scored by."""
     import torch
 
-    from pipelines.common import make_model, to_tensors
-    from pipelines.config import Config
-    from pipelines.train import batch_loss
+    from xai_core.attribution import explain
+    from xai_core.metrics import deletion_auc, gini
 
-    cfg = Config.model_validate(lc["cfg"])
-    torch.manual_seed(lc["seed"])
-    model = make_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr)
-    val = to_tensors(ingest.read_split_numpy(st.Storage(*lc["storage"]), lc["ingest"], "val"))
-    mode = cfg.sweep.train_mode
-    rows = ingest.worker_rows(st.Storage(*lc["storage"]), lc["input"], 0, 1) if lc.get("input") else None
-    for epoch in range(cfg.sweep.train_epochs):
-        model.train()
-        if rows is None:  # a large split: streamed, in file order
-            batches = ray.train.get_dataset_shard("train").iter_batches(batch_size=cfg.train.batch_size,
-                                                                         batch_format="numpy")
-        else:  # read by this worker (ingest.fit_input), in idx order
-            n, b = len(rows["idx"]), cfg.train.batch_size
-            batches = ({k: v[i:i + b] for k, v in rows.items()} for i in range(0, n, b))
-        for raw in batches:
-            batch = to_tensors(raw)
-            if mode == "consistency":  # weights from the current model on this batch (METHODS §5a)
-                from xai_core.objectives import consistency_weights
-                c = cfg.consistency
-                batch["w"] = consistency_weights(model, batch["image"], batch["label"].long(),
-                                                 eps=c.eps, steps=c.steps, similarity=c.similarity,
-                                                 power=c.power, w_min=c.w_min, w_max=c.w_max).w.detach()
-            loss, _, _ = batch_loss(model, batch, mode, cfg)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        model.eval()
-        with torch.no_grad():
-            pred = model(val["image"]).argmax(1)
-        conf = val["group"] == 1
-        ray.train.report({"epoch": epoch + 1, "val_acc": float((pred == val["label"]).float().mean()),
-                          "val_conflicting_acc": float((pred == val["label"])[conf].float().mean())
-                          if conf.any() else float("nan")})
+    x, y = val["image"][:n], val["label"][:n].long()
+    g, d = [], []
+    for i in range(0, len(y), 64):
+        maps = explain(model, x[i:i + 64], y[i:i + 64], method="saliency").detach()
+        g.append(gini(maps))
+        d.append(deletion_auc(model, x[i:i + 64], maps, y[i:i + 64], n_steps=cfg.evaluate.deletion_steps))
+    return {"val_saliency_gini": float(torch.cat(g).mean()), "val_deletion_auc": float(torch.cat(d).mean())}
 
 
-def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_run: str,
-                     plan: Any) -> dict:
+def knob_trial(config: dict) -> None:
+    """One Tune trial of the training-knob sweep: train.py's own per-model function (``train.train_model``, so
+    the ERM warm-up, rounds, precompute and weights of consistency, JTT's two fits, ...) with the trial's knobs,
+    once per tune seed, in a store scoped to the trial (it reads the run's ingest and shares its ERM warm-ups);
+    reports each seed's scores at the checkpoint evaluate.checkpoint selects and their mean."""
+    import numpy as np
     import ray.tune
-    from ray.tune.schedulers import ASHAScheduler
+    import torch
 
-    space = {k: ray.tune.choice(v) for k, v in cfg.sweep.train_space.items()}
+    from pipelines import train
+    from pipelines.common import ResourcePlan, load_model, to_tensors
+    from pipelines.config import Config, with_knobs
+    from pipelines.tracking import Tracker
+
+    cfg = with_knobs(Config.model_validate(config["cfg"]), config["knobs"])
+    mode, knobs = config["mode"], config["knobs"]
+    store = st.Storage(*config["storage"]).scoped(trial_scope(mode, knobs), shared=(ingest.STAGE, train.WARMUPS))
+    h = trial_hash(cfg, mode)
+    if store.exists(TRIAL_FILE) and (done := store.read_json(TRIAL_FILE)).get("hash") == h:
+        ray.tune.report({k: done[k] for k in TUNE_SCORES})  # a rerun of a finished trial (a killed sweep)
+        return
+    tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment)
+    plan = ResourcePlan(**config["plan"])
+    man = config["ingest"]
+    run_id = tracker.find_or_create(f"tune/{mode}/{knob_label(knobs)}"[:120],
+                                    {"xai.stage": KNOBS_STAGE, "xai.trial": f"{mode}:{knob_label(knobs)}"},
+                                    parent_id=config["parent_run"])
+    tracker.log_params(run_id, {"mode": mode, "seeds": cfg.tune.seeds, **knobs})
+    train_ds = ingest.fit_input(store, man, "train", ["idx", "image", "label"] + train.label_sets(cfg),
+                                shard_limit(cfg))
+    val_spec = ingest.split_manifest(man, "val")
+    val = to_tensors(ingest.read_split_numpy(store, man, "val", limit=cfg.tune.explain_images,
+                                             columns=["image", "label"]))
+    torch.set_num_threads(1)
+    per_seed, curves = [], []
+    for seed in cfg.tune.seeds:
+        records, checkpoints = train.train_model(cfg, store, man, train_ds, tracker, run_id, plan, val_spec, mode,
+                                                 seed, log_model=False)
+        chosen = checkpoints[cfg.evaluate.checkpoint]
+        model = load_model(cfg, store.read_bytes(chosen["path"]), chosen["path"])
+        scores = {k: (float("nan") if chosen.get(k) is None else float(chosen[k]))
+                  for k in ("val_acc", "val_worst_group_acc")}
+        scores.update(explanation_scores(cfg, model, val, cfg.tune.explain_images), epoch=chosen["epoch"], seed=seed)
+        per_seed.append(scores)
+        curves.append({e: {k: float(m[k]) for k in train.VAL_KEYS if k in m} for e, m, _ in records})
+    epochs = sorted(set.intersection(*(set(c) for c in curves)))
+    curve = {k: [_mean([c[e].get(k, np.nan) for c in curves]) for e in epochs]
+             for k in ("val_acc", "val_worst_group_acc")}
+    for i, e in enumerate(epochs):
+        tracker.log_metrics(run_id, {f"mean_{k}": v[i] for k, v in curve.items() if np.isfinite(v[i])}, step=e)
+    mean = {k: _mean([s[k] for s in per_seed]) for k in TUNE_SCORES}
+    tracker.log_metrics(run_id, {k: v for k, v in mean.items() if np.isfinite(v)})
+    tracker.finish(run_id)
+    if not cfg.tune.keep_models:  # the trial's models and training images are scratch: its manifests stay
+        for f in store.list_files("train", suffix=".pt") + store.list_files("ray"):
+            store.fs.delete_file(f)
+        for f in store.list_files("precompute"):
+            if "/samples/" in f:
+                store.fs.delete_file(f)
+    store.write_json({"hash": h, "mode": mode, "knobs": knobs, **mean, "per_seed": per_seed, "curve_epochs": epochs,
+                      "curves": curve}, TRIAL_FILE)
+    ray.tune.report(mean)
+
+
+TUNE_SCORES = ("val_acc", "val_worst_group_acc", "val_saliency_gini", "val_deletion_auc")
+TRIAL_FILE = "trial.json"  # a finished trial's scores, per seed and mean, and its mean validation curves
+
+
+def _mean(values: list[float]) -> float:
+    """The mean of the finite values (NaN where none is: no validation group large enough)."""
+    import numpy as np
+
+    finite = [v for v in values if np.isfinite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def trial_scope(mode: str, knobs: dict[str, Any]) -> str:
+    """A trial's folder, named by its setting: a rerun of the same setting finds its finished trial there."""
+    import re
+
+    return f"{KNOBS_STAGE}/{mode}/trials/{re.sub(r'[^A-Za-z0-9._=,-]', '_', knob_label(knobs))}"
+
+
+def trial_hash(cfg: Any, mode: str) -> str:
+    """What a finished trial's scores depend on (its config with the knobs set, the seeds, the scoring)."""
+    from pipelines.config import digest, section_dump
+    from pipelines.train import trained_sections
+
+    t = cfg.tune
+    return digest({**{s: section_dump(cfg, s) for s in trained_sections(cfg)}, "mode": mode, "seeds": t.seeds,
+                   "explain_images": t.explain_images, "checkpoint": cfg.evaluate.checkpoint,
+                   "deletion_steps": cfg.evaluate.deletion_steps})
+
+
+def knobs_hash(cfg: Any, mode: str) -> str:
+    """What one mode's knob sweep depends on: what its trials do at the config's defaults (``trial_hash``),
+    the space, the search and the metric that picks the best."""
+    from pipelines.config import digest
+
+    t = cfg.tune
+    return digest({"trial": trial_hash(cfg, mode), "space": t.spaces[mode], "search": t.search,
+                   "trials": t.trials if t.search == "random" else None, "metric": t.metric})
+
+
+def run_knobs(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_run: str,
+              plan: Any, force: bool = False) -> tuple[dict[str, dict[str, Any]], bool]:
+    """The training-knob sweep (tune.spaces), one committed unit per mode (tune/<mode>): a rerun skips the modes
+    already swept. Returns ({mode: its best knobs}, did_work); the caller trains train.seeds with them."""
+    from pipelines.config import TUNE_METRICS
+
+    best, did = {}, False
+    for mode in cfg.tune.spaces:
+        unit, h = f"{KNOBS_STAGE}/{mode}", knobs_hash(cfg, mode)
+        manifest = None if force else st.committed(store, unit, h)
+        if manifest is None:
+            st.begin(store, unit)
+            result = _sweep_mode(cfg, store, ingest_manifest, tracker, stage_run, plan, mode)
+            store.write_json(result, unit, "results.json")
+            manifest = st.commit(store, unit, h, files={"results": [f"{unit}/results.json"]}, best=result["best"],
+                                 metric=cfg.tune.metric, rows={"trials": len(result["trials"])})
+            did = True
+        best[mode] = manifest["best"]
+        log.info("tune %s: best %s by %s (%s)", mode, knob_label(manifest["best"]), cfg.tune.metric,
+                 TUNE_METRICS[cfg.tune.metric])
+    return best, did
+
+
+def committed_knobs(cfg: Any, store: st.Storage) -> dict[str, dict[str, Any]] | None:
+    """Each swept mode's best knobs from its committed unit, or None while one is missing."""
+    out = {}
+    for mode in cfg.tune.spaces:
+        m = st.committed(store, f"{KNOBS_STAGE}/{mode}", knobs_hash(cfg, mode))
+        if m is None:
+            return None
+        out[mode] = m["best"]
+    return out
+
+
+def merged_knobs(best: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One setting from every mode's best knobs (tune.spaces gives each knob one mode)."""
+    return {k: v for knobs in best.values() for k, v in knobs.items()}
+
+
+def tuned_config(cfg: Any, best: dict[str, dict[str, Any]]) -> Any:
+    """The config the final models train with: every swept mode's best knobs set (their model keys change with
+    them, so a new best retrains that mode only; SCAAT's controls read SCAAT's section and take its setting)."""
+    from pipelines.config import with_knobs
+
+    return with_knobs(cfg, merged_knobs(best))
+
+
+def _sweep_mode(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_run: str, plan: Any,
+                mode: str) -> dict:
+    from dataclasses import asdict
+
+    import ray.tune
+
+    from pipelines.common import resource_plan
+    from pipelines.config import TUNE_METRICS
+
+    t = cfg.tune
+    space = t.spaces[mode]
+    if len(t.seeds) < 2:
+        log.warning("tune: one seed per trial (tune.seeds=%s) cannot tell a knob from seed noise", t.seeds)
+    if t.search == "grid":
+        knobs, samples = {k: ray.tune.grid_search(v) for k, v in space.items()}, 1
+    else:
+        knobs, samples = {k: ray.tune.choice(v) for k, v in space.items()}, t.trials
+    # the trial's own process holds KNOB_TRIAL_CPUS; its TorchTrainer and precompute actors plan with the rest
+    # (an actor pool planned for the whole cluster left no CPU for Ray Data's reads inside a trial: it hung)
+    inner = resource_plan(plan.cluster_cpus - KNOB_TRIAL_CPUS, cfg.train.num_workers, cfg.precompute.actors)
     tuner = ray.tune.Tuner(
-        ray.tune.with_resources(train_trial, {"cpu": KNOB_TRIAL_CPUS}),
-        param_space={"knobs": space, "cfg": cfg.model_dump(mode="json"), "ingest": ingest_manifest,
-                     "storage": store.args(),
-                     "cpus": plan.train_worker_cpus},
-        tune_config=ray.tune.TuneConfig(metric="val_acc", mode="max", num_samples=cfg.sweep.train_trials,
-                                        scheduler=ASHAScheduler(max_t=cfg.sweep.train_epochs, grace_period=1,
-                                                                time_attr="epoch"),
-                                        max_concurrent_trials=plan.knob_concurrency),
-        run_config=ray.tune.RunConfig(name=f"{cfg.name}-train-knobs", storage_path=store.path("tune"),
-                                      storage_filesystem=store.fs if store.is_s3 else None),
+        ray.tune.with_resources(knob_trial, {"cpu": KNOB_TRIAL_CPUS}),
+        param_space={"knobs": knobs, "mode": mode, "cfg": cfg.model_dump(mode="json"), "ingest": ingest_manifest,
+                     "storage": store.args(), "plan": asdict(inner), "tracking_uri": tracker.uri,
+                     "parent_run": stage_run},
+        tune_config=ray.tune.TuneConfig(num_samples=samples, max_concurrent_trials=1),
+        run_config=ray.tune.RunConfig(name=f"{cfg.name}-tune-{mode}", storage_path=store.path("ray", "tune"),
+                                      storage_filesystem=store.fs if store.is_s3 else None, verbose=0),
     )
     before = _live_placement_groups()
     try:
@@ -318,18 +435,22 @@ def train_knob_sweep(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker
         _release_trial_placement_groups(before)
     trials = []
     for res in grid:
-        knobs = res.config["knobs"]
-        metrics = {k: float(v) for k, v in (res.metrics or {}).items()
-                   if k in ("val_acc", "val_conflicting_acc", "epoch")}
-        trials.append({"knobs": knobs, **metrics})
-        label = ",".join(f"{k}={v}" for k, v in sorted(knobs.items()))
-        run_id = tracker.find_or_create(f"sweep/train/{label}"[:120], {"xai.stage": "sweep", "xai.trial": label},
-                                        parent_id=stage_run)
-        tracker.log_params(run_id, knobs)
-        tracker.log_metrics(run_id, metrics)
-        tracker.finish(run_id)
-    best = grid.get_best_result()
-    return {"trials": trials, "best": best.config["knobs"]}
+        if res.error:
+            raise RuntimeError(f"tune {mode} trial {knob_label(res.config['knobs'])} failed: {res.error}") \
+                from res.error
+        done = store.read_json(trial_scope(mode, res.config["knobs"]), TRIAL_FILE)
+        trials.append({k: v for k, v in done.items() if k != "hash"})
+    trials.sort(key=lambda r: knob_label(r["knobs"]))
+    sign = 1.0 if TUNE_METRICS[t.metric] == "max" else -1.0
+    scored = [r for r in trials if r[t.metric] == r[t.metric]]  # not NaN
+    if not scored:
+        raise RuntimeError(f"tune {mode}: no trial has a finite {t.metric} (every validation group smaller than "
+                           f"train.val_min_group={cfg.train.val_min_group}?)")
+    best = max(scored, key=lambda r: sign * r[t.metric])  # the first of equal ones (sorted by label)
+    tracker.log_metrics(stage_run, {f"tune_{mode}_best_{t.metric}": best[t.metric]})
+    tracker.set_tags(stage_run, {f"tune_{mode}_best": knob_label(best["knobs"])})
+    return {"mode": mode, "space": space, "metric": t.metric, "direction": TUNE_METRICS[t.metric],
+            "seeds": t.seeds, "search": t.search, "trials": trials, "best": best["knobs"]}
 
 
 def _live_placement_groups() -> set[str]:

@@ -39,6 +39,9 @@ from pipelines.config import ADV_MODES, WEIGHTED_MODES
 log = logging.getLogger("xai.train")
 STAGE = "train"
 STATE_FILE = "state.pt"
+# ERM warm-ups of consistency training, named by their epoch and ERM config: the same file for every consistency
+# model of a seed, and for every knob-sweep trial (a scoped store shares this folder with the run)
+WARMUPS = "warmups"
 
 
 def config_hash(cfg: Any) -> str:
@@ -118,6 +121,25 @@ def val_metrics(model: torch.nn.Module, val: dict[str, torch.Tensor], min_group:
     return out
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Any, state: dict | None, lr: float | None = None,
+                   reset: bool = False) -> torch.optim.Optimizer:
+    """Adam at ``lr`` (None: train.lr), continuing ``state``'s optimizer unless ``reset`` (a reweighted round's
+    ``consistency.reset_optimizer``); the lr is set after loading, which would bring the saved one back."""
+    lr = lr or cfg.train.lr
+    opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay)
+    if state is not None and "optimizer" in state and not reset:
+        opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:
+            group["lr"] = lr
+    return opt
+
+
+def round_start(cfg: Any, previous: str) -> str | None:
+    """Where a reweighted round starts: the previous round's (or the warm-up's) checkpoint, or a fresh model
+    (``consistency.init: scratch``, seeded like every model of the seed)."""
+    return None if cfg.consistency.init == "scratch" else previous
+
+
 def train_loop(lc: dict) -> None:
     """Per-worker training function (Ray Train). lc: cfg, mode, epochs, epoch_offset, init_path, run_id."""
     import ray.train
@@ -132,7 +154,6 @@ def train_loop(lc: dict) -> None:
     torch.manual_seed(lc["seed"])
     device = pick_device(cfg.train.device)
     model = make_model(cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     start = 0
     ckpt = ray.train.get_checkpoint()
     if ckpt is not None:  # a restarted worker group: continue after the last reported epoch
@@ -147,8 +168,8 @@ def train_loop(lc: dict) -> None:
         state = None
     if state is not None:
         model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            opt.load_state_dict(state["optimizer"])
+    # a restarted worker group always continues its own Adam state; a round's start may reset it
+    opt = make_optimizer(model, cfg, state, lr=lc.get("lr"), reset=ckpt is None and bool(lc.get("reset_optimizer")))
     model = ray.train.torch.prepare_model(model)
     use_amp = cfg.train.mixed_precision and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -324,7 +345,8 @@ def sync_grads(model: torch.nn.Module) -> None:
 # ------------------------------------------------------------------------------------------ driver
 def fit(cfg: Any, store: st.Storage, data: Any, *, mode: str, seed: int, epochs: int, name: str,
         run_id: str | None, tracking_uri: str, plan: Any, init_path: str | None = None,
-        epoch_offset: int = 0, val: dict | None = None) -> list[tuple[int, dict, bytes]]:
+        epoch_offset: int = 0, val: dict | None = None, lr: float | None = None,
+        reset_optimizer: bool = False) -> list[tuple[int, dict, bytes]]:
     """Run one TorchTrainer fit on ``data`` (``ingest.fit_input``: files the workers read, or a Ray Dataset
     streamed to them); returns its kept checkpoints as (global epoch = epoch_offset + the fit's epoch, the
     epoch's metrics, state bytes), in epoch order."""
@@ -341,7 +363,8 @@ def fit(cfg: Any, store: st.Storage, data: Any, *, mode: str, seed: int, epochs:
         train_loop_config={"cfg": cfg.model_dump(mode="json"), "mode": mode, "seed": seed,
                            "epochs": epochs, "epoch_offset": epoch_offset, "init_path": init_path,
                            "run_id": run_id, "tracking_uri": tracking_uri,
-                           "storage": store.args(), "val": val, "input": given},
+                           "storage": store.args(), "val": val, "input": given, "lr": lr,
+                           "reset_optimizer": reset_optimizer},
         scaling_config=scaling,
         **datasets,
         run_config=ray.train.RunConfig(
@@ -437,9 +460,10 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_
 
 
 def train_model(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any, stage_run: str,
-                plan: Any, val: dict | None, mode: str, seed: int) -> tuple[list[tuple[int, dict, bytes]], dict]:
+                plan: Any, val: dict | None, mode: str, seed: int, log_model: bool = True
+                ) -> tuple[list[tuple[int, dict, bytes]], dict]:
     """Train, commit and log one (mode, seed) model as the train stage does; returns (its epochs' records, its
-    checkpoints entry)."""
+    checkpoints entry). The training-knob sweep's trials call it too (``log_model=False``: no MLflow model)."""
     key, mh = model_key(mode, seed), model_hash(cfg, mode, seed)
     run_id = tracker.find_or_create(f"train/{key}", {"xai.stage": "train", "xai.model": key, "xai.model_hash": mh},
                                     parent_id=stage_run)
@@ -471,14 +495,15 @@ def train_model(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: An
     best = checkpoints["best_val_worst_group"]
     tracker.log_metrics(run_id, {f"best_val_worst_group_{k}": v for k, v in best.items()
                                  if k != "path" and v is not None})
-    _log_model(cfg, tracker, run_id, records[-1][2], key)
+    if log_model:
+        _log_model(cfg, tracker, run_id, records[-1][2], key)
     tracker.finish(run_id)
     return records, checkpoints
 
 
 def warmup_path(cfg: Any, seed: int) -> str:
     """Where the ERM checkpoint that starts consistency training lives (named by epoch and ERM config)."""
-    return f"{STAGE}/{model_key('erm', seed)}_warmup_e{warmup_epochs(cfg)}_{model_hash(cfg, 'erm', seed)[:8]}.pt"
+    return f"{WARMUPS}/{model_key('erm', seed)}_warmup_e{warmup_epochs(cfg)}_{model_hash(cfg, 'erm', seed)[:8]}.pt"
 
 
 def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any,
@@ -501,8 +526,10 @@ def _train_consistency(cfg: Any, store: st.Storage, ingest_manifest: dict, train
         pre_manifest, w = precompute.run_round(cfg, store, ingest_manifest, init, seed, r, tracker,
                                                common["run_id"], common["plan"])
         ds = precompute.weighted_input(store, pre_manifest, w, shard_limit(cfg))
-        rounds = fit(cfg, store, ds, mode="consistency", epochs=cfg.consistency.round_epochs,
-                     name=f"{cfg.name}-{key}-r{r}-{h[:8]}", init_path=init, epoch_offset=offset, **common)
+        c = cfg.consistency
+        rounds = fit(cfg, store, ds, mode="consistency", epochs=c.round_epochs, name=f"{cfg.name}-{key}-r{r}-{h[:8]}",
+                     init_path=round_start(cfg, init), epoch_offset=offset, lr=c.lr,
+                     reset_optimizer=c.reset_optimizer, **common)
         records += rounds
         init = f"{STAGE}/{key}_round{r}.pt"
         store.write_bytes(rounds[-1][2], init)

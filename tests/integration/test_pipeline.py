@@ -349,30 +349,52 @@ def test_sweep_runs_alone_against_a_finished_run(smoke_copy):
     assert {r["alpha"] for r in res["rows"]} == {0.25} and res["best_alpha"] == 0.25
 
 
-def test_training_knob_sweep_with_asha(smoke_copy):
-    """Each trial trains through a TorchTrainer under Tune; ASHA may stop trials early; each is a nested run;
-    afterwards every trial's worker placement group is gone (the next Ray Data stage gets its CPUs back)."""
+def test_knob_sweep_trial_trains_exactly_what_train_py_trains(smoke_copy):
+    """tune.spaces: each trial runs train.train_model in a store scoped to the trial. The trial at the smoke
+    config's own setting (power 1) with seed 0 ends with the same precompute weights and the same model, bit for
+    bit, as the shared run's consistency_s0 (train.py); power 2 changes the weights. Each trial is a nested
+    MLflow run; a rerun finds the committed mode and skips it; every trial placement group is gone afterwards."""
+    import numpy as np
+    import pyarrow.parquet as pq
     import ray
     import ray._private.state
+    import ray.data  # noqa: F401 - the tensor extension type
+    import torch
 
     from pipelines import full
 
-    args = smoke_copy["args"] + ["--only", "sweep", "--force", "sweep", "--set", "sweep.train_mode=scaat",
-                                "--set", "sweep.train_space={scaat.keep: [0.3, 0.6]}", "--set", "sweep.train_trials=2",
-                                "--set", "sweep.train_epochs=2", "--set", "sweep.alphas=[0.5]"]
+    args = smoke_copy["args"] + ["--only", "tune", "--set", "train.seeds=[1]", "--set", "tune.seeds=[0]",
+                                "--set", "tune.spaces={consistency: {consistency.power: [1.0, 2.0]}}",
+                                "--set", "tune.metric=val_acc", "--set", "tune.keep_models=true"]
     assert full.main(args) == 0
-    res = json.loads((smoke_copy["store"] / "sweep" / "train_sweep.json").read_text())
-    assert len(res["trials"]) == 2 and res["best"]["scaat.keep"] in (0.3, 0.6)
-    assert all(1 <= t["epoch"] <= 2 and 0 <= t["val_acc"] <= 1 for t in res["trials"])
-    manifest = json.loads((smoke_copy["store"] / "sweep" / "_manifest.json").read_text())
-    assert "train_sweep" in manifest["files"]
+    root = smoke_copy["store"]
+    res = json.loads((root / "tune" / "consistency" / "results.json").read_text())
+    assert [t["knobs"] for t in res["trials"]] == [{"consistency.power": 1.0}, {"consistency.power": 2.0}]
+    assert res["best"] == max(res["trials"], key=lambda t: t["val_acc"])["knobs"]
+    assert all(t["per_seed"][0]["seed"] == 0 and 0 <= t["val_acc"] <= 1 and 0 < t["val_saliency_gini"] < 1
+               for t in res["trials"])
+
+    def weights(rel: Path) -> np.ndarray:
+        return pq.read_table(root / rel / "precompute" / "s0_round1" / "weights.parquet").to_pandas() \
+            .sort_values("idx")["w"].to_numpy()
+
+    trials = root / "tune" / "consistency" / "trials"
+    same, other = Path("tune/consistency/trials/consistency.power=1.0"), trials / "consistency.power=2.0"
+    assert np.array_equal(weights(same), weights(Path(".")))
+    assert not np.array_equal(weights(other.relative_to(root)), weights(Path(".")))
+    a = torch.load(root / same / "train" / "consistency_s0" / "model.pt", weights_only=False)["model"]
+    b = torch.load(root / "train" / "consistency_s0" / "model.pt", weights_only=False)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     runs = _client(smoke_copy["db"]).search_runs(
         [_client(smoke_copy["db"]).get_experiment_by_name("xai-ray-smoke").experiment_id],
-        filter_string="tags.`xai.stage` = 'sweep'", max_results=100)
-    assert any(r.info.run_name.startswith("sweep/train/scaat.keep=") for r in runs)
+        filter_string="tags.`xai.stage` = 'tune'", max_results=100)
+    assert {r.info.run_name for r in runs} >= {"tune/consistency/consistency.power=1.0",
+                                              "tune/consistency/consistency.power=2.0"}
     live = [k for k, v in ray._private.state.state.placement_group_table().items() if v["state"] != "REMOVED"]
     assert live == []
     assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+    assert full.main(args) == 0  # committed: nothing is trained again
+    assert json.loads((root / "tune" / "consistency" / "results.json").read_text()) == res
 
 
 def test_kept_run_resumes_on_a_fresh_checkout(smoke_run, ray_session, tmp_path, capsys):

@@ -137,7 +137,7 @@ def test_model_hash_retrains_only_what_a_change_touches():
     # the ERM warm-up checkpoint is named by its epoch and ERM config: a new schedule cannot pick up a stale one
     sched = _cfg("consistency.round_epochs=2", "train.epochs=6")
     assert warmup_path(base, 0) != warmup_path(sched, 0)
-    assert warmup_path(base, 0).startswith(f"train/erm_s0_warmup_e{warmup_epochs(base)}_")
+    assert warmup_path(base, 0).startswith(f"warmups/erm_s0_warmup_e{warmup_epochs(base)}_")
 
 
 def test_progress_line_reaches_stdout_once_under_ray_trains_print_patch(monkeypatch):
@@ -316,3 +316,40 @@ def test_new_modes_hash_their_own_sections():
     with pytest.raises(Exception, match="group_balanced weights the training rows by their group"):
         load_config(ROOT / "configs/smoke.yaml", ["train.modes=[erm, group_balanced]", "data.source=folder",
                                                   "data.folder=/nowhere"])
+
+
+def test_a_rounds_optimizer_continues_resets_or_takes_its_own_lr():
+    """make_optimizer: the checkpoint's Adam moments are continued (train.lr) unless consistency.reset_optimizer;
+    consistency.lr replaces the lr the loaded state would bring back."""
+    from pipelines.train import make_optimizer, round_start
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict()}
+    cfg = _cfg()
+    cont = make_optimizer(model, cfg, state)
+    moments = [cont.state[p]["exp_avg"] for p in model.parameters()]
+    assert all(torch.equal(a, opt.state[p]["exp_avg"]) for a, p in zip(moments, model.parameters(), strict=True))
+    assert cont.param_groups[0]["lr"] == cfg.train.lr
+    own = make_optimizer(model, cfg, state, lr=0.05)
+    assert own.param_groups[0]["lr"] == 0.05 and len(own.state) == 2  # moments kept, lr replaced
+    fresh = make_optimizer(model, cfg, state, lr=0.05, reset=True)
+    assert fresh.param_groups[0]["lr"] == 0.05 and len(fresh.state) == 0
+    assert len(make_optimizer(model, cfg, None).state) == 0
+    assert round_start(cfg, "train/x_round1.pt") == "train/x_round1.pt"
+    assert round_start(_cfg("consistency.init=scratch"), "train/x_round1.pt") is None
+
+
+def test_each_mode_is_evaluated_with_its_own_methods():
+    from pipelines.evaluate import methods_of
+
+    cfg = _cfg("evaluate.methods=[saliency, gradcam, tif, haf]", "evaluate.mode_methods={scaat: [saliency, gradcam]}")
+    assert methods_of(cfg, "scaat_s3") == ["saliency", "gradcam"]
+    assert methods_of(cfg, "erm_s0") == methods_of(cfg, "random_s0") == ["saliency", "gradcam", "tif", "haf"]
+    only = _cfg("evaluate.methods=[saliency, gradcam, tif]", "evaluate.mode_methods={erm: [tif, saliency]}")
+    assert methods_of(only, "random_s1") == ["saliency", "tif"]  # evaluate.methods' order; random = ERM's copy
+    with pytest.raises(ValueError, match=r"evaluate.mode_methods.scaat: \['haf'\] not in evaluate.methods"):
+        _cfg("evaluate.methods=[saliency]", "evaluate.mode_methods={scaat: [haf]}")
