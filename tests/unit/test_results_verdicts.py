@@ -18,16 +18,20 @@ def _rows(mode: str, seed: int, method: str, n: int, **cols) -> pd.DataFrame:
 
 
 def _claims(n: int = 40) -> dict[str, str]:
-    """3 seeds x n images. SCAAT vs ERM: Gini +0.2 on every image (supported); deletion AUC +0.2, higher is
-    worse (contradicted); accuracy: the same number of right answers on other images (inconclusive).
+    """3 seeds x n images. SCAAT vs ERM: Gini +0.2 on every image (supported); deletion AUC minus the model's
+    random-order one +0.25, higher is worse (contradicted); accuracy: the same number of right answers on other
+    images (inconclusive).
     Consistency: conflicting images all right, ERM's all wrong (supported)."""
     rng = np.random.default_rng(0)
     parts = []
     for seed in range(3):
         base = rng.uniform(0.3, 0.5, n)
         erm_right = (np.arange(n) % 4 < 2).astype(float)
-        parts += [_rows("erm", seed, "saliency", n, gini=base, deletion_auc=base),
-                  _rows("scaat", seed, "saliency", n, gini=base + 0.2, deletion_auc=base + 0.2),
+        # each model's random-order deletion AUC differs (base + 0.1, and + 0.05 for SCAAT): the claim compares
+        # deletion minus it, (base + 0.2 - base - 0.05) - (base - base - 0.1) = +0.25
+        parts += [_rows("erm", seed, "saliency", n, gini=base, deletion_auc=base, deletion_auc_random=base + 0.1),
+                  _rows("scaat", seed, "saliency", n, gini=base + 0.2, deletion_auc=base + 0.2,
+                        deletion_auc_random=base + 0.05),
                   _rows("erm", seed, "none", n, correct=erm_right * (np.arange(n) % 2 == 0)),
                   _rows("scaat", seed, "none", n, correct=np.roll(erm_right * (np.arange(n) % 2 == 0), 2)),
                   _rows("consistency", seed, "none", n, correct=np.arange(n) % 2 == 1),
@@ -42,8 +46,8 @@ def test_claim_lines_print_each_difference_with_its_ci_and_verdict():
     assert "001" not in lines and "003" not in lines  # not measured: no line claims anything
     assert "saliency Gini, SCAAT vs. ERM: +0.200 [95% CI +0.200, +0.200; 3 seed(s) x 40 images] → supported" \
         in lines["002"]
-    assert ("saliency deletion AUC, SCAAT vs. ERM: +0.200 [95% CI +0.200, +0.200; 3 seed(s) x 40 images, "
-            "lower is better] → contradicted") in lines["002"]
+    assert ("saliency deletion AUC minus the model's random-order one, SCAAT vs. ERM: +0.250 [95% CI +0.250, +0.250; "
+            "3 seed(s) x 40 images, lower is better] → contradicted") in lines["002"]
     acc = re.search(r"accuracy, SCAAT vs\. ERM: ([+-]\d\.\d+) \[95% CI ([+-]\d\.\d+), ([+-]\d\.\d+);", lines["002"])
     assert float(acc.group(1)) == 0.0 and float(acc.group(2)) < 0 < float(acc.group(3))
     assert lines["002"].endswith("→ inconclusive.")
