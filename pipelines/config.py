@@ -225,6 +225,9 @@ class EvaluateConfig(_Section):
     # training comparison needs only the maps its table and claims read (e.g. saliency and gradcam), the
     # attribution comparison runs every method on the ERM models (and their random-weight copies)
     mode_methods: dict[Mode, list[str]] = {}
+    # the modes whose models get the dataset checks (detection AUROC, model randomisation; None: every mode):
+    # 4-5 min a model in the paper run, so the training comparison's models can go without
+    check_modes: list[Mode] | None = None
 
     @field_validator("methods")
     @classmethod
@@ -335,6 +338,8 @@ class TuneConfig(_Section):
     seeds: list[int] = [100, 101]
     metric: Literal["val_worst_group_acc", "val_acc", "val_saliency_gini", "val_deletion_auc"] = \
         "val_worst_group_acc"
+    # a mode's own objective where its claim is another (SCAAT: sparser maps, val_saliency_gini)
+    mode_metrics: dict[Mode, Literal["val_worst_group_acc", "val_acc", "val_saliency_gini", "val_deletion_auc"]] = {}
     explain_images: int = Field(128, ge=1)  # validation images for val_saliency_gini / val_deletion_auc
     keep_models: bool = False  # keep each trial's models (else only their manifests and weights)
 
@@ -439,7 +444,7 @@ class Config(_Section):
 # valid when the code learns an option it did not use); set to anything else, they enter it.
 LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False, "root": None, "val_fraction": 0.1},
                                              "model": {"weights": None, "normalize": "auto"},
-                                             "evaluate": {"wsol_boxes": False, "mode_methods": {}},
+                                             "evaluate": {"wsol_boxes": False, "mode_methods": {}, "check_modes": None},
                                              "consistency": {"degenerate": "legacy", "lr": None,
                                                              "reset_optimizer": False, "init": "finetune"},
                                              "train": {"loss": "ce"}}

@@ -383,7 +383,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                 log.info("evaluate: %s images %d-%d committed (%d of %d)", split, lo, hi - 1, hi, n)
             files[split] += done["files"]
             rows[split] += done["rows"]
-    summary = dataset_checks(cfg, store, ingest_manifest, models, alphas)
+    summary = dataset_checks(cfg, store, ingest_manifest, models, alphas, h)
     store.write_json(summary, STAGE, "summary.json")
     manifest = st.commit(store, STAGE, h, files=files, rows=rows, alphas=alphas, models=sorted(evaluated),
                          images={"accuracy": n_acc, "attribution": n_attr})
@@ -406,7 +406,7 @@ def _begin_keeping_shards(store: st.Storage, h: str, force: bool) -> None:
         store.fs.delete_file(store.path(STAGE, st.MANIFEST))
     for info in store.fs.get_file_info(pafs.FileSelector(store.path(STAGE))):
         name = info.path.rstrip("/").rsplit("/", 1)[-1]
-        if info.type == pafs.FileType.Directory and name in ("test", "dwsol"):
+        if info.type == pafs.FileType.Directory and name in ("test", "dwsol", CHECKS):
             for shard in store.fs.get_file_info(pafs.FileSelector(info.path)):
                 lo = shard.path.rstrip("/").rsplit("/", 1)[-1]
                 if shard.type != pafs.FileType.Directory or st.committed(store, f"{STAGE}/{name}/{lo}", h) is None:
@@ -460,9 +460,14 @@ def _flat_summary(summary: dict) -> dict[str, float]:
     return out
 
 
+CHECKS = "checks"  # evaluate/checks/<model>: one committed unit per model's dataset checks
+
+
 def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dict[str, str],
-                   alphas: dict[str, float]) -> dict:
-    """Adversarial detection AUROC (§3b) from HAF, Grad-CAM and saliency maps; model randomisation (§6)."""
+                   alphas: dict[str, float], h: str | None = None) -> dict:
+    """Adversarial detection AUROC (§3b) from HAF, Grad-CAM and saliency maps; model randomisation (§6). With
+    the stage's hash ``h``, each model's result is committed on its own (evaluate/checks/<model>): a killed
+    evaluate does not redo the models already checked (in the paper run they took 41 min after the shards)."""
     from pipelines.common import load_model, to_tensors
     from xai_core.metrics import model_randomisation
     from xai_core.metrics.detection import detection_cv
@@ -473,7 +478,12 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
     if n == 0:
         return out
     data = to_tensors(ingest.read_split_numpy(store, ingest_manifest, "test", limit=n))
-    for i, (key, path) in enumerate(models.items()):
+    checked = {k: p for k, p in models.items() if e.check_modes is None or k.rsplit("_s", 1)[0] in e.check_modes}
+    for i, (key, path) in enumerate(checked.items()):
+        unit = f"{STAGE}/{CHECKS}/{key}"
+        if h is not None and (done := st.committed(store, unit, h)) is not None:
+            out[key] = done["result"]
+            continue
         t0 = time.perf_counter()
         model = load_model(cfg, store.read_bytes(path), path)
         res: dict[str, float] = {}
@@ -496,7 +506,10 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
                 for layer, rho in corr.items():
                     res[f"randomisation_{method}_{layer}"] = float(torch.nanmean(rho))
         out[key] = res
-        print(f"[evaluate checks] {key} ({i + 1}/{len(models)}): detection on {e.detection_images} images, "
+        if h is not None:
+            st.begin(store, unit)
+            st.commit(store, unit, h, result=res)
+        print(f"[evaluate checks] {key} ({i + 1}/{len(checked)}): detection on {e.detection_images} images, "
               f"randomisation on {e.randomisation_images} in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 

@@ -252,8 +252,8 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
         c = cfg.consistency
         rows = [[str(r["seed"]), str(r["round"])] + [f"{r[k]:.3f}" if k in r else "" for k in (
             "E_aligned", "E_conflicting", "w_aligned", "w_conflicting", "w_max", "top10_conflicting_share")]
-            + [str(r.get("degenerate", "")), str(r.get("degenerate_conflicting", "")),
-               f"{r['degenerate_weight_share']:.3f}" if "degenerate_weight_share" in r else ""]
+            + ([str(r["degenerate"]), str(r.get("degenerate_conflicting", "")), f"{r['degenerate_weight_share']:.3f}"]
+               if "degenerate" in r else ["not recorded (a round committed before flat maps were counted)", "", ""])
             for r in rounds]
         out += [f"Consistency weights by bias group (000): does reweighting find the conflicting samples? Each "
                 f"round recomputes E with the latest model (mask {c.mask_source}, eps {c.eps:.4f}, {c.steps} PGD "

@@ -349,7 +349,12 @@ def knobs_hash(cfg: Any, mode: str) -> str:
 
     t = cfg.tune
     return digest({"trial": trial_hash(cfg, mode), "space": t.spaces[mode], "search": t.search,
-                   "trials": t.trials if t.search == "random" else None, "metric": t.metric})
+                   "trials": t.trials if t.search == "random" else None, "metric": tune_metric(cfg, mode)})
+
+
+def tune_metric(cfg: Any, mode: str) -> str:
+    """The validation score a mode's trials are ranked by (tune.mode_metrics, else tune.metric)."""
+    return cfg.tune.mode_metrics.get(mode, cfg.tune.metric)
 
 
 def run_knobs(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, stage_run: str,
@@ -367,11 +372,11 @@ def run_knobs(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, 
             result = _sweep_mode(cfg, store, ingest_manifest, tracker, stage_run, plan, mode)
             store.write_json(result, unit, "results.json")
             manifest = st.commit(store, unit, h, files={"results": [f"{unit}/results.json"]}, best=result["best"],
-                                 metric=cfg.tune.metric, rows={"trials": len(result["trials"])})
+                                 metric=tune_metric(cfg, mode), rows={"trials": len(result["trials"])})
             did = True
         best[mode] = manifest["best"]
-        log.info("tune %s: best %s by %s (%s)", mode, knob_label(manifest["best"]), cfg.tune.metric,
-                 TUNE_METRICS[cfg.tune.metric])
+        log.info("tune %s: best %s by %s (%s)", mode, knob_label(manifest["best"]), tune_metric(cfg, mode),
+                 TUNE_METRICS[tune_metric(cfg, mode)])
     return best, did
 
 
@@ -441,15 +446,16 @@ def _sweep_mode(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any
         done = store.read_json(trial_scope(mode, res.config["knobs"]), TRIAL_FILE)
         trials.append({k: v for k, v in done.items() if k != "hash"})
     trials.sort(key=lambda r: knob_label(r["knobs"]))
-    sign = 1.0 if TUNE_METRICS[t.metric] == "max" else -1.0
-    scored = [r for r in trials if r[t.metric] == r[t.metric]]  # not NaN
+    metric = tune_metric(cfg, mode)
+    sign = 1.0 if TUNE_METRICS[metric] == "max" else -1.0
+    scored = [r for r in trials if r[metric] == r[metric]]  # not NaN
     if not scored:
-        raise RuntimeError(f"tune {mode}: no trial has a finite {t.metric} (every validation group smaller than "
+        raise RuntimeError(f"tune {mode}: no trial has a finite {metric} (every validation group smaller than "
                            f"train.val_min_group={cfg.train.val_min_group}?)")
-    best = max(scored, key=lambda r: sign * r[t.metric])  # the first of equal ones (sorted by label)
-    tracker.log_metrics(stage_run, {f"tune_{mode}_best_{t.metric}": best[t.metric]})
+    best = max(scored, key=lambda r: sign * r[metric])  # the first of equal ones (sorted by label)
+    tracker.log_metrics(stage_run, {f"tune_{mode}_best_{metric}": best[metric]})
     tracker.set_tags(stage_run, {f"tune_{mode}_best": knob_label(best["knobs"])})
-    return {"mode": mode, "space": space, "metric": t.metric, "direction": TUNE_METRICS[t.metric],
+    return {"mode": mode, "space": space, "metric": metric, "direction": TUNE_METRICS[metric],
             "seeds": t.seeds, "search": t.search, "trials": trials, "best": best["knobs"]}
 
 

@@ -191,3 +191,56 @@ def test_multilabel_pair_rows_hold_the_strict_pointing_game_and_difficult_flags(
     assert rows["difficult"][(rows["idx"] == 0) & (rows["label"] == np.flatnonzero(a["labels"][0])[0])] == 1
     assert set(np.unique(rows["pointing_game_strict"])) <= {0.0, 1.0}
     assert (rows["pointing_game_strict"] <= rows["pointing_game"]).all()  # strict can only lose hits
+
+
+def test_a_mode_evaluated_with_fewer_methods_has_the_same_rows_for_them(tmp_path):
+    """evaluate.mode_methods: scaat_s0 gets only saliency rows, with the values it has when every method runs
+    (the random-order curve and PGD draws are per model and purpose, not per method list)."""
+    cfg, store, paths, batch = _setup(tmp_path, ["saliency", "gradcam"])
+    full = _rows(cfg, store, paths, batch, ["erm_s0", "scaat_s0"])
+    few = load_config(ROOT / "configs/smoke.yaml", ["evaluate.methods=[saliency, gradcam]",
+                                                    "evaluate.mode_methods={scaat: [saliency]}"])
+    part = _rows(few, store, paths, batch, ["erm_s0", "scaat_s0"])
+    assert set(part) == {(m, meth) for m in ("erm_s0", "scaat_s0") for meth in ("none", "saliency")} | \
+        {("erm_s0", "gradcam"), ("scaat_s0", "gradcam")}  # the dict lists every (model, method) pair ...
+    assert len(part[("scaat_s0", "gradcam")]["idx"]) == 0 and len(part[("erm_s0", "gradcam")]["idx"]) == 6
+    for col in ("gini", "deletion_auc", "deletion_auc_random", "pxap"):  # ... but scaat has no gradcam rows
+        np.testing.assert_array_equal(part[("scaat_s0", "saliency")][col], full[("scaat_s0", "saliency")][col])
+
+
+def test_dataset_checks_commit_per_model_and_only_for_the_check_modes(tmp_path):
+    import json
+
+    from pipelines.evaluate import CHECKS, STAGE, dataset_checks
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["evaluate.methods=[saliency, gradcam]",
+                                                    "evaluate.check_modes=[erm]", "evaluate.detection_images=0",
+                                                    "evaluate.randomisation_images=4"])
+    store = st.Storage(str(tmp_path))
+    paths = {}
+    for seed, key in enumerate(["erm_s0", "scaat_s0", "erm_s1"]):
+        torch.manual_seed(seed)
+        paths[key] = f"models/{key}.pt"
+        store.write_bytes(state_bytes({"model": make_model(cfg).state_dict()}), "models", f"{key}.pt")
+    arrays = BiasedShapes(n=4, seed=3, split="test", size=cfg.data.size, num_classes=cfg.data.num_classes).arrays()
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from ray.data.extensions import ArrowTensorArray  # the tensor column type ingest writes
+
+    store.mkdir("ingest", "test")
+    pq.write_table(pa.table({"idx": np.arange(4), "image": ArrowTensorArray.from_numpy(arrays["image"]),
+                             "label": arrays["label"]}), store.path("ingest", "test", "part.parquet"))
+    manifest = {"stage": "ingest", "files": {"test": ["ingest/test/part.parquet"]}}
+    first = dataset_checks(cfg, store, manifest, paths, {}, h="h1")
+    assert sorted(first) == ["erm_s0", "erm_s1"]  # scaat_s0 is not in check_modes
+    assert sorted(p.name for p in (tmp_path / STAGE / CHECKS).iterdir()) == ["erm_s0", "erm_s1"]
+    assert {k for k in first["erm_s0"]} == {f"randomisation_{m}_{layer}" for m in ("gradcam", "saliency")
+                                            for layer in ("bn1", "conv1", "fc", "layer1", "layer2", "layer3")}
+    # a rerun (a killed evaluate) takes the committed result instead of recomputing it
+    unit = tmp_path / STAGE / CHECKS / "erm_s1" / st.MANIFEST
+    m = json.loads(unit.read_text())
+    m["result"] = {"randomisation_gradcam_fc": 0.5}
+    unit.write_text(json.dumps(m))
+    again = dataset_checks(cfg, store, manifest, paths, {}, h="h1")
+    assert again["erm_s1"] == {"randomisation_gradcam_fc": 0.5} and again["erm_s0"] == first["erm_s0"]
+    assert dataset_checks(cfg, store, manifest, paths, {}, h="h2")["erm_s1"] == first["erm_s1"]  # another key
