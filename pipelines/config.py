@@ -335,6 +335,7 @@ class TuneConfig(_Section):
     spaces: dict[str, dict[str, list[Any]]] = {}  # mode -> {"section.key": [values]}
     search: Literal["grid", "random"] = "grid"  # grid: every combination; random: `trials` draws per mode
     trials: int = Field(4, ge=1)
+    search_seed: int = 0  # random search: the draws' seed
     seeds: list[int] = [100, 101]
     metric: Literal["val_worst_group_acc", "val_acc", "val_saliency_gini", "val_deletion_auc"] = \
         "val_worst_group_acc"

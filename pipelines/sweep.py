@@ -349,7 +349,8 @@ def knobs_hash(cfg: Any, mode: str) -> str:
 
     t = cfg.tune
     return digest({"trial": trial_hash(cfg, mode), "space": t.spaces[mode], "search": t.search,
-                   "trials": t.trials if t.search == "random" else None, "metric": tune_metric(cfg, mode)})
+                   "trials": [t.trials, t.search_seed] if t.search == "random" else None,
+                   "metric": tune_metric(cfg, mode)})
 
 
 def tune_metric(cfg: Any, mode: str) -> str:
@@ -409,6 +410,7 @@ def _sweep_mode(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any
     from dataclasses import asdict
 
     import ray.tune
+    from ray.tune.search.basic_variant import BasicVariantGenerator
 
     from pipelines.common import resource_plan
     from pipelines.config import TUNE_METRICS
@@ -429,7 +431,9 @@ def _sweep_mode(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any
         param_space={"knobs": knobs, "mode": mode, "cfg": cfg.model_dump(mode="json"), "ingest": ingest_manifest,
                      "storage": store.args(), "plan": asdict(inner), "tracking_uri": tracker.uri,
                      "parent_run": stage_run},
-        tune_config=ray.tune.TuneConfig(num_samples=samples, max_concurrent_trials=1),
+        # random search draws from a seeded generator: a rerun (a resumed make paper) tries the same settings
+        tune_config=ray.tune.TuneConfig(num_samples=samples, max_concurrent_trials=1,
+                                        search_alg=BasicVariantGenerator(random_state=t.search_seed)),
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-tune-{mode}", storage_path=store.path("ray", "tune"),
                                       storage_filesystem=store.fs if store.is_s3 else None, verbose=0),
     )
@@ -445,7 +449,8 @@ def _sweep_mode(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any
                 from res.error
         done = store.read_json(trial_scope(mode, res.config["knobs"]), TRIAL_FILE)
         trials.append({k: v for k, v in done.items() if k != "hash"})
-    trials.sort(key=lambda r: knob_label(r["knobs"]))
+    # a setting drawn twice by random search ran once (its folder held the finished trial): listed once
+    trials = list({knob_label(r["knobs"]): r for r in sorted(trials, key=lambda r: knob_label(r["knobs"]))}.values())
     metric = tune_metric(cfg, mode)
     sign = 1.0 if TUNE_METRICS[metric] == "max" else -1.0
     scored = [r for r in trials if r[metric] == r[metric]]  # not NaN

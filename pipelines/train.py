@@ -555,17 +555,19 @@ def jtt_weights(wrong: np.ndarray, lambda_up: float) -> np.ndarray:
     return (w / w.mean()).astype(np.float32)
 
 
-def train_errors(cfg: Any, store: st.Storage, ingest_manifest: dict, state: bytes, source: str) -> np.ndarray:
-    """Which training samples (idx order) a checkpoint gets wrong: JTT's error set (forwards on the driver)."""
+def train_errors(cfg: Any, store: st.Storage, ingest_manifest: dict, state: bytes, source: str
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Which training samples (idx order) a checkpoint gets wrong: JTT's error set (forwards on the driver),
+    and the samples' groups (-1 where the data have none), read in the same pass over the split."""
     model = load_model(cfg, state, source)
-    rows = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["idx", "image", "label"])
+    rows = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["idx", "image", "label", "group"])
     wrong = np.zeros(len(rows["idx"]), bool)
     bs = cfg.train.batch_size
     with torch.no_grad():
         for i in range(0, len(wrong), bs):
             x = torch.from_numpy(rows["image"][i:i + bs]).float() / 255
             wrong[i:i + bs] = (model(x).argmax(1).numpy() != rows["label"][i:i + bs])
-    return wrong
+    return wrong, rows["group"]
 
 
 def _train_jtt(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any, tracker: Any, h: str, key: str,
@@ -575,9 +577,8 @@ def _train_jtt(cfg: Any, store: st.Storage, ingest_manifest: dict, train_ds: Any
     j = cfg.jtt
     first = fit(cfg, store, train_ds, mode="erm", epochs=j.epochs, name=f"{cfg.name}-{key}-id{j.epochs}-{h[:8]}",
                 **common)
-    wrong = train_errors(cfg, store, ingest_manifest, first[-1][2], f"{key} identification model")
+    wrong, groups = train_errors(cfg, store, ingest_manifest, first[-1][2], f"{key} identification model")
     stats = {"jtt_error_set": int(wrong.sum()), "jtt_error_share": float(wrong.mean())}
-    groups = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["idx", "group"])["group"]
     if (groups >= 0).all() and wrong.any():
         stats["jtt_error_set_conflicting_share"] = float((groups[wrong] == 1).mean())
     if common.get("run_id"):
