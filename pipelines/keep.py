@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import uuid
@@ -52,6 +53,8 @@ def units(store: st.Storage) -> list[str]:
         if rel and store.exists(rel, st.MANIFEST):
             found.append(rel)
             return
+        if UNFINISHED_TRIAL.fullmatch(rel):  # a knob-sweep trial still training: redone, never half kept
+            return
         sel = pafs.FileSelector(store.path(rel), allow_not_found=True)
         for info in sorted(store.fs.get_file_info(sel), key=lambda i: i.base_name):
             if info.type == pafs.FileType.Directory and not (not rel and info.base_name in LEFT_OUT):
@@ -61,6 +64,8 @@ def units(store: st.Storage) -> list[str]:
     return found
 
 
+# a training-knob trial's folder is one unit once it committed (its models and training images are gone by then)
+UNFINISHED_TRIAL = re.compile(r"tune/[^/]+/trials/[^/]+")
 SLIM = {"precompute": "samples"}  # stage -> the file list of its units that is not kept
 
 

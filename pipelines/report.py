@@ -58,7 +58,8 @@ def _png(fig: Any) -> str:
 
 def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dict[str, str],
                  alphas: dict[str, float]) -> Any:
-    """Same images, every method (columns) for every model (row blocks), object outline drawn."""
+    """Same images, every method (columns) for one model per mode, its first seed (row blocks), object outline
+    drawn; a method not evaluated on a mode (evaluate.mode_methods) is left blank."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,20 +72,27 @@ def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dic
     data = to_tensors(ingest.read_split_numpy(store, ingest_manifest, "test", limit=k))
     x, y, mask = data["image"], data["label"].long(), data["mask"].bool()
     methods = cfg.evaluate.methods
+    first: dict[str, tuple[int, str]] = {}
+    for key in models:
+        mode, seed = key.rsplit("_s", 1)
+        first[mode] = min(first.get(mode, (int(seed), key)), (int(seed), key))
+    models = {key: models[key] for _, key in first.values()}
     fig, axes = plt.subplots(len(models) * k, len(methods) + 1,
                              figsize=(1.3 * (len(methods) + 1), 1.3 * len(models) * k), squeeze=False)
     for mi, (key, path) in enumerate(sorted(models.items())):
         model = load_model(cfg, store.read_bytes(path), path)
-        maps = {m: evaluate.explain_fn(cfg, m, alphas)(model, x, y) for m in methods}
+        maps = {m: evaluate.explain_fn(cfg, m, alphas)(model, x, y) for m in evaluate.methods_of(cfg, key)}
         for i in range(k):
             r = mi * k + i
             axes[r, 0].imshow(x[i].permute(1, 2, 0).numpy())
             axes[r, 0].set_ylabel(f"{key}\n#{i} y={int(y[i])}", fontsize=6)
             for j, m in enumerate(methods, start=1):
-                axes[r, j].imshow(maps[m][i].numpy(), cmap="jet")
-                axes[r, j].contour(mask[i].float().numpy(), levels=[0.5], colors="white", linewidths=0.6)
                 if r == 0:
                     axes[r, j].set_title(m, fontsize=6)
+                if m not in maps:
+                    continue
+                axes[r, j].imshow(maps[m][i].numpy(), cmap="jet")
+                axes[r, j].contour(mask[i].float().numpy(), levels=[0.5], colors="white", linewidths=0.6)
             for ax in axes[r]:
                 ax.set_xticks([])
                 ax.set_yticks([])

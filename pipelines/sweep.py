@@ -266,8 +266,9 @@ def knob_trial(config: dict) -> None:
     mode, knobs = config["mode"], config["knobs"]
     store = st.Storage(*config["storage"]).scoped(trial_scope(mode, knobs), shared=(ingest.STAGE, train.WARMUPS))
     h = trial_hash(cfg, mode)
-    if store.exists(TRIAL_FILE) and (done := store.read_json(TRIAL_FILE)).get("hash") == h:
-        ray.tune.report({k: done[k] for k in TUNE_SCORES})  # a rerun of a finished trial (a killed sweep)
+    if st.committed(store, "", h) is not None:  # a rerun of a finished trial (a killed sweep, a kept run)
+        done = store.read_json(TRIAL_FILE)
+        ray.tune.report({k: done[k] for k in TUNE_SCORES})
         return
     tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment)
     plan = ResourcePlan(**config["plan"])
@@ -307,8 +308,9 @@ def knob_trial(config: dict) -> None:
         for f in store.list_files("precompute"):
             if "/samples/" in f:
                 store.fs.delete_file(f)
-    store.write_json({"hash": h, "mode": mode, "knobs": knobs, **mean, "per_seed": per_seed, "curve_epochs": epochs,
+    store.write_json({"mode": mode, "knobs": knobs, **mean, "per_seed": per_seed, "curve_epochs": epochs,
                       "curves": curve}, TRIAL_FILE)
+    st.commit(store, "", h, files={"trial": [TRIAL_FILE]})  # the trial's folder is a committed unit from here
     ray.tune.report(mean)
 
 
@@ -368,8 +370,11 @@ def run_knobs(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any, 
     for mode in cfg.tune.spaces:
         unit, h = f"{KNOBS_STAGE}/{mode}", knobs_hash(cfg, mode)
         manifest = None if force else st.committed(store, unit, h)
-        if manifest is None:
-            st.begin(store, unit)
+        if manifest is None:  # its finished trials stay: each is committed under its own key
+            if force:
+                store.remove_dir(unit)
+            elif store.exists(unit, st.MANIFEST):
+                store.fs.delete_file(store.path(unit, st.MANIFEST))
             result = _sweep_mode(cfg, store, ingest_manifest, tracker, stage_run, plan, mode)
             store.write_json(result, unit, "results.json")
             manifest = st.commit(store, unit, h, files={"results": [f"{unit}/results.json"]}, best=result["best"],
@@ -448,7 +453,7 @@ def _sweep_mode(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any
             raise RuntimeError(f"tune {mode} trial {knob_label(res.config['knobs'])} failed: {res.error}") \
                 from res.error
         done = store.read_json(trial_scope(mode, res.config["knobs"]), TRIAL_FILE)
-        trials.append({k: v for k, v in done.items() if k != "hash"})
+        trials.append(done)
     # a setting drawn twice by random search ran once (its folder held the finished trial): listed once
     trials = list({knob_label(r["knobs"]): r for r in sorted(trials, key=lambda r: knob_label(r["knobs"]))}.values())
     metric = tune_metric(cfg, mode)

@@ -85,3 +85,22 @@ def test_precompute_rounds_are_kept_without_their_samples_once_their_model_is_co
     fresh = st.Storage(str(tmp_path / "fresh" / "paper"))
     assert "precompute/s0_round1" in keep.restore(kept, fresh)
     assert st.committed(fresh, "precompute/s0_round1", "h1")["kept_without"] == "samples"
+
+
+def test_a_knob_trial_is_kept_once_it_committed_and_never_half(tmp_path):
+    """A finished trial folder (tune/<mode>/trials/<setting>, its manifest at the top) is one unit; a trial still
+    training is skipped whole: its inner model unit and its precompute round with the training images are not
+    copied (the trial is redone)."""
+    store = st.Storage(str(tmp_path / "runs" / "paper"))
+    trial = store.scoped("tune/jtt/trials/jtt.lambda_up=4.0")
+    _unit(trial, "train/jtt_s100", {"_note": b"models deleted when the trial ended"})
+    trial.write_json({"val_acc": 0.5}, "trial.json")
+    st.commit(trial, "", "t1")
+    running = store.scoped("tune/jtt/trials/jtt.lambda_up=8.0")
+    _unit(running, "train/jtt_s100", {"model.pt": b"m"})
+    _unit(running, "precompute/s100_round1", {"samples/part-0.parquet": b"images"})
+    assert keep.units(store) == ["tune/jtt/trials/jtt.lambda_up=4.0"]
+    kept = tmp_path / "kept"
+    assert keep.save(store, kept) == ["tune/jtt/trials/jtt.lambda_up=4.0"]
+    files = ("_manifest.json", "trial.json", "train/jtt_s100/_note", "train/jtt_s100/_manifest.json")
+    assert set(_tree(kept)) == {f"tune/jtt/trials/jtt.lambda_up=4.0/{f}" for f in files}
