@@ -253,6 +253,8 @@ def knob_trial(config: dict) -> None:
     the ERM warm-up, rounds, precompute and weights of consistency, JTT's two fits, ...) with the trial's knobs,
     once per tune seed, in a store scoped to the trial (it reads the run's ingest and shares its ERM warm-ups);
     reports each seed's scores at the checkpoint evaluate.checkpoint selects and their mean."""
+    import time
+
     import numpy as np
     import ray.tune
     import torch
@@ -283,7 +285,7 @@ def knob_trial(config: dict) -> None:
     val = to_tensors(ingest.read_split_numpy(store, man, "val", limit=cfg.tune.explain_images,
                                              columns=["image", "label"]))
     torch.set_num_threads(1)
-    per_seed, curves = [], []
+    started, per_seed, curves = time.time(), [], []
     for seed in cfg.tune.seeds:
         records, checkpoints = train.train_model(cfg, store, man, train_ds, tracker, run_id, plan, val_spec, mode,
                                                  seed, log_model=False)
@@ -309,7 +311,7 @@ def knob_trial(config: dict) -> None:
             if "/samples/" in f:
                 store.fs.delete_file(f)
     store.write_json({"mode": mode, "knobs": knobs, **mean, "per_seed": per_seed, "curve_epochs": epochs,
-                      "curves": curve}, TRIAL_FILE)
+                      "curves": curve, "started_at": started, "ended_at": time.time()}, TRIAL_FILE)
     st.commit(store, "", h, files={"trial": [TRIAL_FILE]})  # the trial's folder is a committed unit from here
     ray.tune.report(mean)
 
@@ -438,7 +440,11 @@ def _sweep_mode(cfg: Any, store: st.Storage, ingest_manifest: dict, tracker: Any
                      "parent_run": stage_run},
         # random search draws from a seeded generator: a rerun (a resumed make paper) tries the same settings
         tune_config=ray.tune.TuneConfig(num_samples=samples, max_concurrent_trials=1,
-                                        search_alg=BasicVariantGenerator(random_state=t.search_seed)),
+                                        # one at a time (the limit must be the generator's own: Tune's
+                                        # max_concurrent_trials did not hold it, and 4 trials ran at once,
+                                        # each training the same ERM warm-up)
+                                        search_alg=BasicVariantGenerator(random_state=t.search_seed,
+                                                                         max_concurrent=1)),
         run_config=ray.tune.RunConfig(name=f"{cfg.name}-tune-{mode}", storage_path=store.path("ray", "tune"),
                                       storage_filesystem=store.fs if store.is_s3 else None, verbose=0),
     )

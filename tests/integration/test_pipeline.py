@@ -373,6 +373,8 @@ def test_knob_sweep_trial_trains_exactly_what_train_py_trains(smoke_copy):
     assert res["best"] == max(res["trials"], key=lambda t: t["val_acc"])["knobs"]
     assert all(t["per_seed"][0]["seed"] == 0 and 0 <= t["val_acc"] <= 1 and 0 < t["val_saliency_gini"] < 1
                for t in res["trials"])
+    spans = sorted((t["started_at"], t["ended_at"]) for t in res["trials"])
+    assert spans[0][1] <= spans[1][0]  # one trial at a time (each would otherwise train the same warm-up)
 
     def weights(rel: Path) -> np.ndarray:
         return pq.read_table(root / rel / "precompute" / "s0_round1" / "weights.parquet").to_pandas() \
