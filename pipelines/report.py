@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from pipelines import evaluate, ingest
+from pipelines import evaluate, ingest, sweep
 from pipelines import storage as st
 from pipelines.common import default_alphas
 
@@ -306,8 +306,7 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
 
         frame = pd.DataFrame([{"setting": ", ".join(f"{k}={v}" for k, v in sorted(t["knobs"].items())),
                                "chosen": t["knobs"] == res["best"],
-                               **{k: t[k] for k in ("val_worst_group_acc", "val_acc", "val_saliency_gini",
-                                                    "val_deletion_auc")}} for t in res["trials"]]).set_index("setting")
+                               **{k: t[k] for k in sweep.TUNE_SCORES}} for t in res["trials"]]).set_index("setting")
         parts.append(_table_html(frame, f"Knob sweep for {mode} (seeds {res['seeds']}, validation split, chosen by "
                                         f"{res['metric']}, {res['direction']})"))
     if summary:

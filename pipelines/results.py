@@ -197,7 +197,7 @@ def tune_markdown(tune: dict[str, dict]) -> list[str]:
     out = []
     for mode, res in tune.items():
         space = ", ".join(f"{k} in {v}" for k, v in res["space"].items())
-        scores = ("val_worst_group_acc", "val_acc", "val_saliency_gini", "val_deletion_auc")
+        scores = ("val_conflicting_acc", "val_worst_group_acc", "val_acc", "val_saliency_gini", "val_deletion_auc")
         rows = []
         for t in res["trials"]:
             per = "; ".join(f"s{p['seed']}: " + ", ".join(f"{p[k]:.3f}" for k in scores) for p in t["per_seed"])
@@ -208,8 +208,8 @@ def tune_markdown(tune: dict[str, dict]) -> list[str]:
                 f"training of {mode} on seeds {res['seeds']}, kept apart from the final seeds, scored on the "
                 f"validation split at the evaluated checkpoint; chosen by {res['metric']} ({res['direction']}): "
                 + ", ".join(f"{k}={v}" for k, v in sorted(res["best"].items())) + "):", "",
-                _table(["setting", "val worst group", "val acc", "val saliency Gini", "val deletion AUC",
-                        "per seed (worst group, acc, Gini, deletion)"], rows), ""]
+                _table(["setting", "val conflicting", "val worst group", "val acc", "val saliency Gini",
+                        "val deletion AUC", "per seed (conflicting, worst group, acc, Gini, deletion)"], rows), ""]
     return out
 
 

@@ -231,6 +231,22 @@ def knob_label(knobs: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "defaults"
 
 
+def validation_scores(cfg: Any, model: Any, val: dict[str, Any]) -> dict[str, float]:
+    """Accuracy of a model on the whole validation split, on its bias-conflicting images (group 1; NaN where
+    the data have no groups) and on its worst (class x background) group (``train.val_metrics``)."""
+    import torch
+
+    from pipelines.train import top1_correct, val_metrics
+
+    out = val_metrics(model, val, cfg.train.val_min_group, cfg.data.num_classes, cfg.train.batch_size)
+    with torch.no_grad():
+        pred = torch.cat([model(val["image"][i:i + 256]).argmax(1) for i in range(0, len(val["label"]), 256)])
+    conflicting = val["group"] == 1
+    out["val_conflicting_acc"] = float(top1_correct(pred, val)[conflicting].float().mean()) \
+        if bool(conflicting.any()) else float("nan")
+    return {k: out[k] for k in ("val_acc", "val_worst_group_acc", "val_conflicting_acc")}
+
+
 def explanation_scores(cfg: Any, model: Any, val: dict[str, Any], n: int) -> dict[str, float]:
     """Saliency Gini (higher = sparser) and saliency deletion AUC (lower = more faithful) of a model on the
     first ``n`` validation images: the explanation objectives a SCAAT sweep can be scored by."""
@@ -282,8 +298,7 @@ def knob_trial(config: dict) -> None:
     train_ds = ingest.fit_input(store, man, "train", ["idx", "image", "label"] + train.label_sets(cfg),
                                 shard_limit(cfg))
     val_spec = ingest.split_manifest(man, "val")
-    val = to_tensors(ingest.read_split_numpy(store, man, "val", limit=cfg.tune.explain_images,
-                                             columns=["image", "label"]))
+    val = to_tensors(ingest.read_split_numpy(store, man, "val", columns=["image", "label", "background", "group"]))
     torch.set_num_threads(1)
     started, per_seed, curves = time.time(), [], []
     for seed in cfg.tune.seeds:
@@ -291,9 +306,8 @@ def knob_trial(config: dict) -> None:
                                                  seed, log_model=False)
         chosen = checkpoints[cfg.evaluate.checkpoint]
         model = load_model(cfg, store.read_bytes(chosen["path"]), chosen["path"])
-        scores = {k: (float("nan") if chosen.get(k) is None else float(chosen[k]))
-                  for k in ("val_acc", "val_worst_group_acc")}
-        scores.update(explanation_scores(cfg, model, val, cfg.tune.explain_images), epoch=chosen["epoch"], seed=seed)
+        scores = {**validation_scores(cfg, model, val), **explanation_scores(cfg, model, val, cfg.tune.explain_images),
+                  "epoch": chosen["epoch"], "seed": seed}
         per_seed.append(scores)
         curves.append({e: {k: float(m[k]) for k in train.VAL_KEYS if k in m} for e, m, _ in records})
     epochs = sorted(set.intersection(*(set(c) for c in curves)))
@@ -316,7 +330,7 @@ def knob_trial(config: dict) -> None:
     ray.tune.report(mean)
 
 
-TUNE_SCORES = ("val_acc", "val_worst_group_acc", "val_saliency_gini", "val_deletion_auc")
+TUNE_SCORES = ("val_conflicting_acc", "val_acc", "val_worst_group_acc", "val_saliency_gini", "val_deletion_auc")
 TRIAL_FILE = "trial.json"  # a finished trial's scores, per seed and mean, and its mean validation curves
 
 
@@ -343,7 +357,7 @@ def trial_hash(cfg: Any, mode: str) -> str:
     t = cfg.tune
     return digest({**{s: section_dump(cfg, s) for s in trained_sections(cfg)}, "mode": mode, "seeds": t.seeds,
                    "explain_images": t.explain_images, "checkpoint": cfg.evaluate.checkpoint,
-                   "deletion_steps": cfg.evaluate.deletion_steps})
+                   "deletion_steps": cfg.evaluate.deletion_steps, "scores": TUNE_SCORES})
 
 
 def knobs_hash(cfg: Any, mode: str) -> str:

@@ -93,3 +93,23 @@ def test_a_scoped_store_writes_under_its_folder_and_reads_the_shared_ones(tmp_pa
     nested = trial.scoped("inner")
     assert nested.path("a") == str(tmp_path / "tune/consistency/trials/t1/inner/a")
     assert trial.list_files("train") == [str(tmp_path / "tune/consistency/trials/t1/train/erm_s0/model.pt")]
+
+
+def test_validation_scores_by_hand():
+    """A model that predicts class 0 everywhere: accuracy = the share of class-0 images, conflicting accuracy
+    = the share of class-0 images among the conflicting ones, worst group 0 (a group of another class)."""
+    import torch
+
+    from pipelines import sweep
+
+    class Zero(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([torch.ones(len(x)), torch.zeros(len(x))], 1)
+
+    cfg = load_config(SMOKE, ["data.num_classes=2", "train.val_min_group=2"])
+    labels = torch.tensor([0, 0, 1, 1, 0, 1, 0, 1])
+    backgrounds = torch.tensor([0, 0, 1, 1, 1, 0, 1, 0])  # the last four are conflicting
+    val = {"image": torch.zeros(8, 3, 4, 4), "label": labels, "background": backgrounds,
+           "group": (labels != backgrounds).long()}
+    got = sweep.validation_scores(cfg, Zero(), val)
+    assert got == {"val_acc": 0.5, "val_conflicting_acc": 0.5, "val_worst_group_acc": 0.0}
