@@ -288,6 +288,9 @@ def knob_trial(config: dict) -> None:
         done = store.read_json(TRIAL_FILE)
         ray.tune.report({k: done[k] for k in TUNE_SCORES})
         return
+    if store.exists(st.MANIFEST):  # finished under another trial key: nothing of it is this trial's
+        store.remove_dir()
+    # else a trial killed midway: its committed precompute rounds and Ray Train checkpoints carry on
     tracker = Tracker(config["tracking_uri"], cfg.tracking.experiment)
     plan = ResourcePlan(**config["plan"])
     man = config["ingest"]
@@ -321,8 +324,8 @@ def knob_trial(config: dict) -> None:
     if not cfg.tune.keep_models:  # the trial's models and training images are scratch: its manifests stay
         for f in store.list_files("train", suffix=".pt") + store.list_files("ray"):
             store.fs.delete_file(f)
-        for f in store.list_files("precompute"):
-            if "/samples/" in f:
+        for f in store.list_files("precompute"):  # a round without its samples is no longer committed (its
+            if "/samples/" in f or f.endswith(st.MANIFEST):  # weights.parquet stays, for reading only)
                 store.fs.delete_file(f)
     store.write_json({"mode": mode, "knobs": knobs, **mean, "per_seed": per_seed, "curve_epochs": epochs,
                       "curves": curve, "started_at": started, "ended_at": time.time()}, TRIAL_FILE)
