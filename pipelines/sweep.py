@@ -219,14 +219,6 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
 KNOBS_STAGE = "tune"  # the training-knob sweep, before train: tune/<mode>/ per swept mode
 
 
-def knob_grid(space: dict[str, list[Any]]) -> list[dict[str, Any]]:
-    """Every combination of a mode's space, in a fixed order (the last key varies fastest)."""
-    import itertools
-
-    keys = list(space)
-    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(space[k] for k in keys))]
-
-
 def knob_label(knobs: dict[str, Any]) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "defaults"
 
