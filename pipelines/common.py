@@ -241,6 +241,12 @@ def model_key(mode: str, seed: int) -> str:
     return f"{mode}_s{seed}"
 
 
+def split_key(key: str) -> tuple[str, int]:
+    """(mode, seed) of a model key, ``model_key``'s inverse."""
+    mode, seed = key.rsplit("_s", 1)
+    return mode, int(seed)
+
+
 # Settings that change how a model is trained but not what it learns: a model is not retrained for them.
 _RUNTIME_KEYS = {"modes", "seeds", "max_failures", "placement", "threads_per_worker", "cache_shard_mb"}
 

@@ -15,7 +15,7 @@ import torch
 
 from pipelines import ingest
 from pipelines import storage as st
-from pipelines.common import pool_map
+from pipelines.common import pool_map, split_key
 from xai_core._tensor import seeded_generator
 from xai_core.targets import PairMaps, label_pairs
 
@@ -319,7 +319,7 @@ def _concat(parts: list[dict]) -> dict[str, np.ndarray]:
 def methods_of(cfg: Any, key: str) -> list[str]:
     """The methods evaluated on model ``key`` (<mode>_s<seed>, random_s<seed>): evaluate.mode_methods[mode]
     where given (in evaluate.methods' order), else every method; the random-weight copies are ERM's baseline."""
-    mode = key.rsplit("_s", 1)[0]
+    mode = split_key(key)[0]
     only = cfg.evaluate.mode_methods.get("erm" if mode == "random" else mode)
     return [m for m in cfg.evaluate.methods if only is None or m in only]
 
@@ -478,7 +478,7 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
     if n == 0:
         return out
     data = to_tensors(ingest.read_split_numpy(store, ingest_manifest, "test", limit=n))
-    checked = {k: p for k, p in models.items() if e.check_modes is None or k.rsplit("_s", 1)[0] in e.check_modes}
+    checked = {k: p for k, p in models.items() if e.check_modes is None or split_key(k)[0] in e.check_modes}
     for i, (key, path) in enumerate(checked.items()):
         unit = f"{STAGE}/{CHECKS}/{key}"
         if h is not None and (done := st.committed(store, unit, h)) is not None:

@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines import evaluate, ingest, sweep
 from pipelines import storage as st
-from pipelines.common import default_alphas
+from pipelines.common import default_alphas, split_key
 
 log = logging.getLogger("xai.report")
 STAGE = "report"
@@ -74,8 +74,8 @@ def heatmap_grid(cfg: Any, store: st.Storage, ingest_manifest: dict, models: dic
     methods = cfg.evaluate.methods
     first: dict[str, tuple[int, str]] = {}
     for key in models:
-        mode, seed = key.rsplit("_s", 1)
-        first[mode] = min(first.get(mode, (int(seed), key)), (int(seed), key))
+        mode, seed = split_key(key)
+        first[mode] = min(first.get(mode, (seed, key)), (seed, key))
     models = {key: models[key] for _, key in first.values()}
     fig, axes = plt.subplots(len(models) * k, len(methods) + 1,
                              figsize=(1.3 * (len(methods) + 1), 1.3 * len(models) * k), squeeze=False)

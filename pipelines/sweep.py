@@ -226,16 +226,9 @@ def knob_label(knobs: dict[str, Any]) -> str:
 def validation_scores(cfg: Any, model: Any, val: dict[str, Any]) -> dict[str, float]:
     """Accuracy of a model on the whole validation split, on its bias-conflicting images (group 1; NaN where
     the data have no groups) and on its worst (class x background) group (``train.val_metrics``)."""
-    import torch
-
-    from pipelines.train import top1_correct, val_metrics
+    from pipelines.train import val_metrics
 
     out = val_metrics(model, val, cfg.train.val_min_group, cfg.data.num_classes, cfg.train.batch_size)
-    with torch.no_grad():
-        pred = torch.cat([model(val["image"][i:i + 256]).argmax(1) for i in range(0, len(val["label"]), 256)])
-    conflicting = val["group"] == 1
-    out["val_conflicting_acc"] = float(top1_correct(pred, val)[conflicting].float().mean()) \
-        if bool(conflicting.any()) else float("nan")
     return {k: out[k] for k in ("val_acc", "val_worst_group_acc", "val_conflicting_acc")}
 
 

@@ -114,6 +114,10 @@ def val_metrics(model: torch.nn.Module, val: dict[str, torch.Tensor], min_group:
     groups = labels if bool((bgs < 0).any()) else group_ids(labels, bgs, num_backgrounds)
     acc = group_accuracy(correct, groups, min_size=min_group)
     out = {"val_acc": acc["mean"], "val_worst_group_acc": acc["worst"]}
+    if "group" in val:  # bias groups given (the knob sweep's scoring): accuracy on the conflicting ones
+        conflicting = val["group"].cpu() == 1
+        out["val_conflicting_acc"] = float(correct[conflicting].float().mean()) if bool(conflicting.any()) \
+            else float("nan")
     if "labels" in val:
         from xai_core.metrics import mean_average_precision
 
