@@ -67,6 +67,11 @@ class DataConfig(_Section):
     val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
     on_bad_input: Literal["fail", "skip"] = "fail"
     rows_per_shard: int = Field(2048, ge=16)
+    # voc: the ImageSets/Main list that is the test split (val: VOC 2012's public one; test: VOC 2007 test),
+    # and TorchRay's pointing-game "difficult" subset flags (pointing_game_ebp_voc07_difficult.txt, for VOC 2007
+    # test): the report's pointing game gets a column for the subset
+    test_list: Literal["val", "test"] = "val"
+    difficult_subset: str | None = None
 
     @model_validator(mode="after")
     def _folder_needs_path(self) -> DataConfig:
@@ -74,6 +79,9 @@ class DataConfig(_Section):
             raise ValueError("data.folder must name an image folder when data.source is 'folder'")
         if self.source == "biased_shapes" and self.num_classes > 6:
             raise ValueError(f"data.num_classes={self.num_classes}: biased_shapes draws at most 6 shapes")
+        if self.source != "voc" and (self.difficult_subset is not None or self.test_list != "val"):
+            raise ValueError(f"data.difficult_subset and data.test_list are for data.source 'voc', not "
+                             f"{self.source!r}")
         if self.source in DATASETS and not self.root:
             raise ValueError(f"data.root must name the {self.source} dataset's folder when data.source is "
                              f"{self.source!r}")
@@ -192,6 +200,9 @@ class PrecomputeConfig(_Section):
     batch_size: int = Field(128, ge=1)
 
 
+WSSS_THRESHOLDS = [round(0.05 * i, 2) for i in range(1, 20)]  # evaluate.wsss_thresholds' default grid
+
+
 class EvaluateConfig(_Section):
     methods: list[str] = list(EVAL_METHODS)
     # which checkpoint of each model is evaluated: the last epoch, or the epoch of best validation worst-group
@@ -228,6 +239,19 @@ class EvaluateConfig(_Section):
     # the modes whose models get the dataset checks (detection AUROC, model randomisation; None: every mode):
     # 4-5 min a model in the paper run, so the training comparison's models can go without
     check_modes: list[Mode] | None = None
+    # WSSS (data with segmentation masks, VOC's SegmentationClass): pseudo-labels from every method's maps of
+    # an image's labels; the background threshold is chosen per model and method by mIoU on up to this many
+    # segmented validation images (held out of the training list, never test), the mIoU reported on as many
+    # segmented test images with a bootstrap 95% CI; 0 turns it off. wsss_thresholds: the grid searched
+    wsss_images: int = Field(0, ge=0)
+    wsss_thresholds: list[float] = WSSS_THRESHOLDS
+
+    @field_validator("wsss_thresholds")
+    @classmethod
+    def _unit_thresholds(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0 <= t <= 1 for t in v) or len(set(v)) != len(v):
+            raise ValueError(f"expected distinct thresholds in [0, 1], got {v}")
+        return v
 
     @field_validator("methods")
     @classmethod
@@ -446,9 +470,12 @@ class Config(_Section):
 
 # Keys added after runs were committed: at their default they stay out of every hash (a committed stage stays
 # valid when the code learns an option it did not use); set to anything else, they enter it.
-LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False, "root": None, "val_fraction": 0.1},
+LATER_DEFAULTS: dict[str, dict[str, Any]] = {"data": {"multilabel": False, "root": None, "val_fraction": 0.1,
+                                                      "test_list": "val", "difficult_subset": None},
                                              "model": {"weights": None, "normalize": "auto"},
-                                             "evaluate": {"wsol_boxes": False, "mode_methods": {}, "check_modes": None},
+                                             "evaluate": {"wsol_boxes": False, "mode_methods": {}, "check_modes": None,
+                                                          "wsss_images": 0,
+                                                          "wsss_thresholds": WSSS_THRESHOLDS},
                                              "consistency": {"degenerate": "legacy", "lr": None,
                                                              "reset_optimizer": False, "init": "finetune"},
                                              "train": {"loss": "ce"}}

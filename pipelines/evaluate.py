@@ -259,6 +259,8 @@ class EvalActor:
                     cols["pointing_game_strict"] = pointing_game(m, maskp, strict=True)
                 if "difficult" in t and pairs is not None:  # VOC: the class's objects are all "difficult"
                     cols["difficult"] = t["difficult"][pairs.image.to(self.device), pairs.target.to(self.device)]
+                if "subset" in t and pairs is not None:  # TorchRay's difficult subset (data.difficult_subset)
+                    cols["difficult_subset"] = t["subset"][pairs.image.to(self.device), pairs.target.to(self.device)]
                 rows = self._rows(pair_batch, key, method, cols)
                 if e.wsol_boxes and pairs is None:
                     rows["box_iou_levels"] = self._box_levels(m, t["box"])
@@ -475,9 +477,10 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
     e = cfg.evaluate
     out: dict[str, dict] = {}
     n = max(e.detection_images, e.randomisation_images)
-    if n == 0:
+    seg = segmented_splits(store, ingest_manifest, e.wsss_images) if e.wsss_images else None
+    if n == 0 and not seg:
         return out
-    data = to_tensors(ingest.read_split_numpy(store, ingest_manifest, "test", limit=n))
+    data = to_tensors(ingest.read_split_numpy(store, ingest_manifest, "test", limit=n)) if n else {}
     checked = {k: p for k, p in models.items() if e.check_modes is None or split_key(k)[0] in e.check_modes}
     for i, (key, path) in enumerate(checked.items()):
         unit = f"{STAGE}/{CHECKS}/{key}"
@@ -505,6 +508,8 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
                 corr = model_randomisation(model, x, y, explain_fn(cfg, method, alphas))
                 for layer, rho in corr.items():
                     res[f"randomisation_{method}_{layer}"] = float(torch.nanmean(rho))
+        if seg:
+            res.update(wsss_scores(cfg, model, seg, methods_of(cfg, key), alphas))
         out[key] = res
         if h is not None:
             st.begin(store, unit)
@@ -512,6 +517,79 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
         print(f"[evaluate checks] {key} ({i + 1}/{len(checked)}): detection on {e.detection_images} images, "
               f"randomisation on {e.randomisation_images} in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
+
+
+def segmented_splits(store: st.Storage, manifest: dict, n: int) -> dict[str, dict[str, torch.Tensor]] | None:
+    """The first ``n`` images of the val and test splits that carry a segmentation mask (a ``seg`` pixel
+    other than ignore: VOC's SegmentationClass), as tensors (image, labels, seg); None when the data have no
+    ``seg`` column or either split has no segmented image (a warning says which)."""
+    import pyarrow.parquet as pq
+    import ray.data  # noqa: F401 - registers the tensor extension type
+
+    from pipelines.common import to_tensors
+    from xai_core.metrics.segmentation import IGNORE
+
+    out = {}
+    for split in ("val", "test"):
+        parts, got = [], 0
+        for f in manifest["files"][split]:
+            if got >= n:
+                break
+            t = pq.read_table(store.path(f), filesystem=store.fs)
+            if "seg" not in t.column_names or "labels" not in t.column_names:
+                log.warning("evaluate.wsss_images=%d: the %s split has no segmentation masks (seg): WSSS left out",
+                            n, split)
+                return None
+            cols = {c: t.column(c).combine_chunks().to_numpy() for c in ("image", "labels", "seg")}
+            keep = np.flatnonzero((cols["seg"] != IGNORE).reshape(len(cols["seg"]), -1).any(1))[: n - got]
+            parts.append({c: v[keep] for c, v in cols.items()})
+            got += len(keep)
+        if not got:
+            log.warning("evaluate.wsss_images=%d: no %s image has a segmentation mask: WSSS left out", n, split)
+            return None
+        out[split] = to_tensors({c: np.concatenate([p[c] for p in parts]) for c in ("image", "labels", "seg")})
+    return out
+
+
+def wsss_scores(cfg: Any, model: torch.nn.Module, data: dict[str, dict[str, torch.Tensor]], methods: list[str],
+                alphas: dict[str, float]) -> dict[str, float]:
+    """WSSS per method (xai_core.metrics.segmentation): pseudo-labels from the maps of each image's labels at
+    every threshold of evaluate.wsss_thresholds; the background threshold of the best validation mIoU, and the
+    test mIoU at it with a bootstrap 95% CI over the test images."""
+    from xai_core.metrics.segmentation import (
+        best_background_threshold,
+        miou,
+        miou_interval,
+        segmentation_counts,
+        wsss_labels,
+    )
+    from xai_core.targets import label_pairs
+
+    e, k = cfg.evaluate, cfg.data.num_classes + 1
+    thr = list(e.wsss_thresholds)
+    dev = next(model.parameters()).device
+    res: dict[str, float] = {f"wsss_images_{s}": float(len(d["seg"])) for s, d in data.items()}
+    for method in methods:
+        fn = explain_fn(cfg, method, alphas)
+        counts = {}
+        for split, d in data.items():
+            parts = []
+            for lo in range(0, len(d["seg"]), e.batch_size):
+                x = d["image"][lo:lo + e.batch_size].to(dev)
+                pairs = label_pairs(d["labels"][lo:lo + e.batch_size], len(x))
+                maps = fn(model, x, pairs).detach()
+                lab = wsss_labels(maps, pairs.image, pairs.target, len(x), thr)
+                gt = d["seg"][lo:lo + e.batch_size].to(dev)
+                parts.append(torch.stack([torch.stack(segmentation_counts(lab[t], gt, k)) for t in range(len(thr))]))
+            counts[split] = torch.cat(parts, 2).cpu()  # [T, 2 (inter, union), N, C]
+        best, curve = best_background_threshold(counts["val"][:, 0], counts["val"][:, 1], thr)
+        t = thr.index(best)
+        inter, union = counts["test"][t, 0], counts["test"][t, 1]
+        low, high = miou_interval(inter, union, seed=0)
+        res.update({f"wsss_bg_threshold_{method}": best, f"wsss_val_miou_{method}": curve[t],
+                    f"wsss_miou_{method}": miou(inter, union)[0], f"wsss_miou_low_{method}": low,
+                    f"wsss_miou_high_{method}": high})
+    return res
 
 
 def summarise(store: st.Storage, manifest: dict) -> dict[str, dict[str, float]]:

@@ -65,6 +65,8 @@ def listing(cfg: Any) -> Any:
     kw: dict[str, Any] = {"on_bad_input": d.on_bad_input}
     if d.source != "waterbirds":
         kw.update(val_fraction=d.val_fraction, seed=d.seed)
+    if d.source == "voc":
+        kw.update(test_list=d.test_list, difficult_subset=d.difficult_subset)
     return READERS[d.source](d.root, **kw)
 
 

@@ -37,7 +37,8 @@ def accuracy_table(df: Any) -> Any:
         for grp, name in ((0, "aligned"), (1, "conflicting")):
             sel = g[g.group == grp]
             row[f"acc_{name}"] = sel.correct.mean() if len(sel) else np.nan
-        row["worst_group"] = np.nanmin([row["acc_aligned"], row["acc_conflicting"]])
+        both = [v for v in (row["acc_aligned"], row["acc_conflicting"]) if v == v]
+        row["worst_group"] = min(both) if both else np.nan  # NaN without groups (a real dataset's images)
         for c in sorted(c for c in g.columns if c.startswith("robust_acc_")):
             row[c.replace("robust_acc_", "pgd_acc_eps") + "/255"] = g[c].mean()
         rows.append(row)
@@ -275,10 +276,15 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         groups = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["group"])["group"]
         if (gt := group_weighted_accuracy(test, groups)) is not None:
             tables["Groups: worst-group accuracy and the average weighted by the training groups"] = gt
+    summary = store.read_json(evaluate.STAGE, "summary.json") if store.exists(evaluate.STAGE, "summary.json") else {}
+    from pipelines.results import WSSS_PREFIX, wsss_table
+
+    if (wt := wsss_table(summary)) is not None:
+        tables["WSSS: pseudo-mask mIoU, background threshold chosen on the validation split (held out of the "
+               "training list), test mIoU with a bootstrap 95% CI over images"] = wt
     if "dwsol" in eval_manifest["files"]:
         tables["D-WSOL (METHODS §3a)"] = metric_table(evaluate.read_frame(store, eval_manifest, "dwsol"),
                                                       DWSOL_METRICS)
-    summary = store.read_json(evaluate.STAGE, "summary.json") if store.exists(evaluate.STAGE, "summary.json") else {}
     alphas = eval_manifest.get("alphas") or default_alphas(cfg)
     evaluated = evaluate.evaluated_checkpoints(cfg, train_manifest)
     figures = {"heatmaps": heatmap_grid(cfg, store, ingest_manifest, evaluated, alphas),
@@ -309,9 +315,10 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
                                **{k: t[k] for k in sweep.TUNE_SCORES}} for t in res["trials"]]).set_index("setting")
         parts.append(_table_html(frame, f"Knob sweep for {mode} (seeds {res['seeds']}, validation split, chosen by "
                                         f"{res['metric']}, {res['direction']})"))
-    if summary:
+    checks = {m: {k: v for k, v in r.items() if not k.startswith(WSSS_PREFIX)} for m, r in summary.items()}
+    if checks := {m: r for m, r in checks.items() if r}:
         import pandas as pd
-        parts.append(_table_html(pd.DataFrame(summary), "Adversarial detection AUROC (§3b) and model "
+        parts.append(_table_html(pd.DataFrame(checks), "Adversarial detection AUROC (§3b) and model "
                                  "randomisation Spearman (§6)"))
     with tempfile.TemporaryDirectory() as d:
         for name, fig in figures.items():

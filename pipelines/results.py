@@ -116,12 +116,31 @@ def multilabel_table(df: Any) -> Any | None:
         return None
     rows = []
     for model, g in acc.groupby("model"):
-        s = torch.from_numpy(g[scores].to_numpy(np.float64))
+        s = torch.from_numpy(g[scores].to_numpy(np.float64, copy=True))
         y = torch.from_numpy(g[[c.replace("score_", "label_") for c in scores]].to_numpy() > 0.5)
         ap = average_precision_per_class(s, y)
         rows.append({"model": model, "mAP": float(ap.nanmean()), "top1_acc": g.correct.mean(), "images": len(g),
                      **{f"AP_class{k}": float(v) for k, v in enumerate(ap)}})
     return pd.DataFrame(rows).set_index("model")
+
+
+WSSS_PREFIX = "wsss_"  # summary.json keys of evaluate.wsss_scores
+
+
+def wsss_table(summary: dict) -> Any | None:
+    """Per model and method, from the dataset checks' summary: the background threshold chosen on validation,
+    the validation mIoU there and the test mIoU with its bootstrap 95% CI; None without WSSS results."""
+    import pandas as pd
+
+    rows = []
+    for model, r in sorted(summary.items()):
+        for method in sorted(k[len("wsss_miou_"):] for k in r if k.startswith("wsss_miou_")
+                             and not k.startswith(("wsss_miou_low_", "wsss_miou_high_"))):
+            rows.append({"model": model, "method": method, "bg_threshold (val)": r[f"wsss_bg_threshold_{method}"],
+                         "val_mIoU": r[f"wsss_val_miou_{method}"], "test_mIoU": r[f"wsss_miou_{method}"],
+                         "CI95_low": r[f"wsss_miou_low_{method}"], "CI95_high": r[f"wsss_miou_high_{method}"],
+                         "val_images": r["wsss_images_val"], "test_images": r["wsss_images_test"]})
+    return pd.DataFrame(rows).set_index(["model", "method"]) if rows else None
 
 
 def wsol_table(df: Any, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> Any | None:
@@ -156,7 +175,8 @@ def wsol_table(df: Any, n_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -
 def pointing_game_table(df: Any, num_classes: int) -> Any | None:
     """Multi-label pairs with ``pointing_game_strict``: per model and method, TorchRay's per-class pointing game
     (strictly within the tolerance; a class whose objects in the image are all "difficult" left out), its mean
-    over the classes that occur (TorchRay averages all classes, 0 for one never counted) and the pairs counted."""
+    over the classes that occur (TorchRay averages all classes, 0 for one never counted) and the pairs counted;
+    with a ``difficult_subset`` column (data.difficult_subset), the same mean over the subset's pairs."""
     import pandas as pd
 
     if "pointing_game_strict" not in df.columns:
@@ -166,8 +186,12 @@ def pointing_game_table(df: Any, num_classes: int) -> Any | None:
         if "difficult" in g.columns:
             g = g[g.difficult.fillna(0) < 0.5]
         per_class = g.groupby("label").pointing_game_strict.mean().reindex(range(num_classes))
-        rows.append({"model": model, "method": method, "pairs": len(g), "mean_over_classes": per_class.mean(),
-                     **{f"class{k}": v for k, v in per_class.items()}})
+        row = {"model": model, "method": method, "pairs": len(g), "mean_over_classes": per_class.mean()}
+        if "difficult_subset" in g.columns and g.difficult_subset.notna().any():  # TorchRay's difficult subset
+            h = g[g.difficult_subset.fillna(0) > 0.5]
+            row.update(difficult_pairs=len(h),
+                       difficult_mean_over_classes=h.groupby("label").pointing_game_strict.mean().mean())
+        rows.append({**row, **{f"class{k}": v for k, v in per_class.items()}})
     return pd.DataFrame(rows).set_index(["model", "method"]) if rows else None
 
 
@@ -322,6 +346,15 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
                 "is heavy-tailed (its denominator can be near 0): its cell is the median over images.", "",
                 _table(["method", "hit@a", "hit@b", "false response (absent class, median)", "D-WSOL accuracy"],
                        rows), ""]
+    if (wt := wsss_table(summary)) is not None:
+        out += ["## WSSS: pseudo-mask mIoU (background threshold chosen on the validation split, held out of the "
+                "training list; test mIoU with a bootstrap 95% CI over images)", "",
+                _table(["model", "method", "threshold", "val mIoU", "test mIoU [95% CI]", "images val/test"],
+                       [[m, meth, f"{r['bg_threshold (val)']:.2f}", f"{r['val_mIoU']:.3f}",
+                         f"{r['test_mIoU']:.3f} [{r['CI95_low']:.3f}, {r['CI95_high']:.3f}]",
+                         f"{r['val_images']:.0f}/{r['test_images']:.0f}"] for (m, meth), r in wt.iterrows()]), ""]
+        summary = {m: {k: v for k, v in r.items() if not k.startswith(WSSS_PREFIX)} for m, r in summary.items()}
+        summary = {m: r for m, r in summary.items() if r}
     if summary:
         keys = sorted({k for v in summary.values() for k in v})
         models = sorted(summary)

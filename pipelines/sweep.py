@@ -154,7 +154,8 @@ def tuned_settings(result: dict) -> dict[str, float]:
 # evaluate keys no sweep trial reads (sizes of the test-split work, its sharding, figures, PGD, the dataset
 # checks): a change to them re-runs evaluate, not the sweep
 NOT_SWEPT = ("shard_images", "n_test", "n_accuracy", "n_dwsol", "random_baseline", "pgd_eps", "pgd_steps",
-             "detection_images", "randomisation_images", "figure_images", "checkpoint")
+             "detection_images", "randomisation_images", "figure_images", "checkpoint", "wsss_images",
+             "wsss_thresholds")
 
 
 def config_hash(cfg: Any) -> str:

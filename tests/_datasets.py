@@ -76,9 +76,10 @@ VOC_OBJECTS = {  # image id -> (W, H, objects (name, difficult, 1-based inclusiv
 }
 
 
-def write_voc(root: Path) -> Path:
+def write_voc(root: Path, segment_all: bool = False) -> Path:
     """VOCdevkit/VOC2012/: JPEGImages, Annotations (a difficult flag), ImageSets/Main and Segmentation,
-    a SegmentationClass palette PNG with a 255 (void) border."""
+    a SegmentationClass palette PNG with a 255 (void) border; ``segment_all``: every image segmented (its
+    boxes filled with class + 1, later objects on top, a void border row)."""
     root = root / "VOCdevkit" / "VOC2012"
     for d in ("JPEGImages", "Annotations", "ImageSets/Main", "ImageSets/Segmentation", "SegmentationClass"):
         (root / d).mkdir(parents=True)
@@ -93,7 +94,28 @@ def write_voc(root: Path) -> Path:
     seg[20:60, 10:40] = 12  # dog (class 11) + 1
     seg[19, 10:40] = seg[60, 10:40] = 255  # the void border VOC draws around objects
     seg[0:80, 50:100] = 15  # person (14) + 1
+    _palette_png(seg, root / "SegmentationClass" / "2008_000001.png")
+    if segment_all:
+        from xai_core.data.datasets import VOC_CLASSES
+
+        for image_id, (w, h, objs) in list(VOC_OBJECTS.items())[1:]:
+            seg = np.zeros((h, w), np.uint8)
+            for name, _, (x0, y0, x1, y1) in objs:
+                seg[y0 - 1:y1, x0 - 1:x1] = VOC_CLASSES.index(name) + 1
+                seg[max(y0 - 2, 0), x0 - 1:x1] = 255
+            _palette_png(seg, root / "SegmentationClass" / f"{image_id}.png")
+        (root / "ImageSets/Segmentation/train.txt").write_text("\n".join(ids) + "\n")
+    return root
+
+
+def _palette_png(seg: np.ndarray, path: Path) -> None:
     im = Image.fromarray(seg, mode="P")
     im.putpalette([v for i in range(256) for v in (i, 128, 255 - i)])
-    im.save(root / "SegmentationClass" / "2008_000001.png")
-    return root
+    im.save(path)
+
+
+def write_difficult_subset(path: Path, flags: dict[str, list[int]]) -> Path:
+    """TorchRay's pointing_game_ebp_voc07_difficult.txt layout: "<image id>\t" then 20 tab-separated 0/1 flags."""
+    path.write_text("".join(f"{i}\t" + "\t".join(str(int(k in on)) for k in range(20)) + "\n"
+                            for i, on in flags.items()))
+    return path

@@ -5,7 +5,7 @@ import pytest
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from tests._datasets import VOC_OBJECTS, write_cub, write_voc, write_waterbirds
+from tests._datasets import VOC_OBJECTS, write_cub, write_difficult_subset, write_voc, write_waterbirds
 from xai_core.data.datasets import IGNORE, VOC_CLASSES, load_record, read_cub, read_voc, read_waterbirds
 
 
@@ -106,6 +106,38 @@ def test_voc_multilabel_difficult_boxes_and_segmentation(tmp_path):
     np.testing.assert_array_equal(out["seg"], seg_ref)
     assert set(np.unique(out["seg"]).tolist()) == {0, dog + 1, person + 1, IGNORE}
     assert (load_record(recs["2008_000003"], 40, 20, multilabel=True)["seg"] == IGNORE).all()
+
+
+def test_voc_difficult_subset_flags_the_test_pairs_as_torchray(tmp_path):
+    """Test images 2008_000005 (bird) and 2008_000006 (person): the file flags 000005's bird and lists an image
+    of another split; 000006 is not listed, so (TorchRay) its pairs stay in the subset."""
+    root = write_voc(tmp_path)
+    bird, person = VOC_CLASSES.index("bird"), VOC_CLASSES.index("person")
+    flags = write_difficult_subset(tmp_path / "difficult.txt", {"2008_000005": [bird, 3], "2008_000001": [person]})
+    ls = read_voc(root, val_fraction=0.25, difficult_subset=flags)
+    test = {r.path.rsplit("/", 1)[1][:-4]: r for r in ls.records["test"]}
+    assert test["2008_000005"].subset_classes == (bird,) and test["2008_000006"].subset_classes == (person,)
+    assert all(r.subset_classes is None for s in ("train", "val") for r in ls.records[s])
+    out = load_record(test["2008_000005"], 32, 20, multilabel=True)
+    assert out["subset"].nonzero()[0].tolist() == [bird]
+    assert "subset" not in load_record(ls.records["train"][0], 32, 20, multilabel=True)
+    write_difficult_subset(flags, {"2008_000005": []})
+    assert read_voc(root, difficult_subset=flags).records["test"][0].subset_classes == ()
+
+
+def test_voc_difficult_subset_errors_name_the_file_and_line(tmp_path):
+    root = write_voc(tmp_path)
+    bad = tmp_path / "difficult.txt"
+    bad.write_text("2008_000005\t" + "\t".join(["0"] * 20) + "\n2008_000006\t1\t0\n")
+    with pytest.raises(ValueError, match=r"difficult.txt line 2: expected '<image id>' and 20 flags"):
+        read_voc(root, difficult_subset=bad)
+    write_difficult_subset(bad, {"000001": [1], "000002": []})  # VOC 2007 test ids: none is a test image here
+    with pytest.raises(ValueError, match=r"lists none of the 2 test images .*VOC 2007 test"):
+        read_voc(root, difficult_subset=bad)
+    with pytest.raises(ValueError, match="nowhere.txt' not found: expected TorchRay's"):
+        read_voc(root, difficult_subset=tmp_path / "nowhere.txt")
+    with pytest.raises(ValueError, match=r"ImageSets/Main/test.txt' not found"):
+        read_voc(root, test_list="test")
 
 
 def test_voc_bad_objects_are_named(tmp_path):

@@ -183,11 +183,14 @@ def test_multilabel_pair_rows_hold_the_strict_pointing_game_and_difficult_flags(
     a = BiasedShapes(n=5, seed=1, split="multilabel", size=cfg.data.size, num_classes=cfg.data.num_classes).arrays()
     difficult = np.zeros_like(a["labels"])
     difficult[0, np.flatnonzero(a["labels"][0])[0]] = True  # image 0's first class: all its objects difficult
-    batch = {"idx": np.arange(5), "difficult": difficult,
+    subset = a["labels"].copy()
+    subset[1] = False  # TorchRay's difficult subset: every pair but image 1's
+    batch = {"idx": np.arange(5), "difficult": difficult, "subset": subset,
              **{k: a[k] for k in ("image", "label", "mask", "group", "labels", "class_masks")}}
     rows = _rows(cfg, store, {"erm_s0": "models/erm_s0.pt"}, batch, ["erm_s0"])[("erm_s0", "gradcam")]
     n_pairs = int(a["labels"].sum())
     assert len(rows["idx"]) == n_pairs and rows["difficult"].sum() == 1
+    np.testing.assert_array_equal(rows["difficult_subset"], (rows["idx"] != 1).astype(float))
     assert rows["difficult"][(rows["idx"] == 0) & (rows["label"] == np.flatnonzero(a["labels"][0])[0])] == 1
     assert set(np.unique(rows["pointing_game_strict"])) <= {0.0, 1.0}
     assert (rows["pointing_game_strict"] <= rows["pointing_game"]).all()  # strict can only lose hits
@@ -244,3 +247,53 @@ def test_dataset_checks_commit_per_model_and_only_for_the_check_modes(tmp_path):
     again = dataset_checks(cfg, store, manifest, paths, {}, h="h1")
     assert again["erm_s1"] == {"randomisation_gradcam_fc": 0.5} and again["erm_s0"] == first["erm_s0"]
     assert dataset_checks(cfg, store, manifest, paths, {}, h="h2")["erm_s1"] == first["erm_s1"]  # another key
+
+
+def test_wsss_scores_choose_the_threshold_on_val_and_match_sklearn_on_test(tmp_path):
+    """evaluate.wsss_scores against an independent path: the same maps, pseudo-labels at the threshold of the
+    best validation mIoU (by hand over the grid), then sklearn's per-label Jaccard on the test pixels."""
+    from sklearn.metrics import jaccard_score
+
+    from pipelines.evaluate import explain_fn, wsss_scores
+    from xai_core.metrics.segmentation import wsss_labels
+    from xai_core.targets import label_pairs
+
+    cfg = load_config(ROOT / "configs/smoke.yaml", ["evaluate.methods=[gradcam]", "data.multilabel=true",
+                                                    "train.loss=bce", "train.modes=[erm]", "sweep.model=erm",
+                                                    "evaluate.wsss_images=6",
+                                                    "evaluate.wsss_thresholds=[0.2, 0.5, 0.8]"])
+    torch.manual_seed(0)
+    model = make_model(cfg).eval()
+    k = cfg.data.num_classes
+    data = {}
+    for split, seed in (("val", 1), ("test", 2)):
+        a = BiasedShapes(n=6, seed=seed, split="multilabel", size=cfg.data.size, num_classes=k).arrays()
+        cm = a["class_masks"]
+        seg = np.zeros((cm.shape[0], *cm.shape[2:]), np.int64)
+        for c in range(k):  # label = class + 1 where the class's mask is, 255 on one border row
+            seg[cm[:, c]] = c + 1
+        seg[:, 0] = 255
+        data[split] = {"image": torch.from_numpy(a["image"]).float() / 255, "labels": torch.from_numpy(a["labels"]),
+                       "seg": torch.from_numpy(seg)}
+    res = wsss_scores(cfg, model, data, ["gradcam"], {})
+
+    def labels_at(split, thr):
+        d = data[split]
+        pairs = label_pairs(d["labels"], len(d["seg"]))
+        maps = explain_fn(cfg, "gradcam", {})(model, d["image"], pairs).detach()
+        return wsss_labels(maps, pairs.image, pairs.target, len(d["seg"]), [thr])[0]
+
+    def miou_sklearn(split, thr):
+        gt, pred = data[split]["seg"].flatten().numpy(), labels_at(split, thr).flatten().numpy()
+        keep = gt != 255
+        present = sorted(set(gt[keep]) | set(pred[keep]))
+        return float(np.mean(jaccard_score(gt[keep], pred[keep], labels=present, average=None)))
+
+    val = [miou_sklearn("val", t) for t in (0.2, 0.5, 0.8)]
+    assert len(set(val)) == 3  # the grid matters here
+    best = (0.2, 0.5, 0.8)[int(np.argmax(val))]
+    assert res["wsss_bg_threshold_gradcam"] == best
+    assert res["wsss_val_miou_gradcam"] == pytest.approx(max(val))
+    assert res["wsss_miou_gradcam"] == pytest.approx(miou_sklearn("test", best))
+    assert res["wsss_miou_low_gradcam"] <= res["wsss_miou_gradcam"] <= res["wsss_miou_high_gradcam"]
+    assert (res["wsss_images_val"], res["wsss_images_test"]) == (6.0, 6.0)

@@ -47,3 +47,29 @@ def test_group_weighted_accuracy_by_hand():
     r = group_weighted_accuracy(df, train).loc["erm_s0"]
     assert r["train_weighted_acc"] == pytest.approx(0.85) and r["mean_acc"] == 5 / 8 and r["worst_group_acc"] == 0
     assert group_weighted_accuracy(df.assign(group=-1), train) is None
+
+
+def test_pointing_game_table_difficult_subset_column():
+    """TorchRay's difficult subset: only flagged pairs, after the all-difficult ones are left out: class 0 has
+    pairs (hit, flagged) and (miss, not flagged), class 1 (hit, flagged) and (hit, all-difficult, flagged)."""
+    df = pd.DataFrame({"model": "erm_s0", "method": "gradcam", "label": [0, 0, 1, 1],
+                       "pointing_game_strict": [1.0, 0.0, 0.0, 1.0], "difficult": [0.0, 0.0, 0.0, 1.0],
+                       "difficult_subset": [1.0, 0.0, 1.0, 1.0]})
+    r = pointing_game_table(df, 2).loc[("erm_s0", "gradcam")]
+    assert r["pairs"] == 3 and r["mean_over_classes"] == 0.25  # class 0: 1/2, class 1: 0/1
+    assert r["difficult_pairs"] == 2 and r["difficult_mean_over_classes"] == 0.5  # class 0: 1/1, class 1: 0/1
+    assert "difficult_pairs" not in pointing_game_table(df.drop(columns="difficult_subset"), 2).columns
+
+
+def test_wsss_table_reads_the_checks_summary():
+    from pipelines.results import wsss_table
+
+    summary = {"erm_s0": {"wsss_images_val": 10.0, "wsss_images_test": 20.0, "wsss_bg_threshold_gradcam": 0.3,
+                          "wsss_val_miou_gradcam": 0.41, "wsss_miou_gradcam": 0.38, "wsss_miou_low_gradcam": 0.3,
+                          "wsss_miou_high_gradcam": 0.45, "randomisation_gradcam_layer4": 0.2},
+               "random_s0": {"randomisation_gradcam_layer4": 0.1}}
+    t = wsss_table(summary)
+    assert list(t.index) == [("erm_s0", "gradcam")]
+    r = t.loc[("erm_s0", "gradcam")]
+    assert (r["bg_threshold (val)"], r["test_mIoU"], r["CI95_low"], r["test_images"]) == (0.3, 0.38, 0.3, 20.0)
+    assert wsss_table({"random_s0": {"randomisation_gradcam_layer4": 0.1}}) is None

@@ -29,11 +29,10 @@ are left out and listed in ``Listing.skipped`` as (where, reason).
 from __future__ import annotations
 
 import csv
-import dataclasses
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +60,7 @@ class Record:
     boxes: tuple[Box, ...] = ()
     box_classes: tuple[int, ...] = ()
     difficult_classes: tuple[int, ...] = ()  # multi-label: classes whose objects are all "difficult"
+    subset_classes: tuple[int, ...] | None = None  # VOC test: classes of the pairs in TorchRay's difficult subset
     mask_path: str | None = None  # object mask (CUB: 0..255 annotator votes; an image folder's: nonzero)
     mask_threshold: int = 128  # a mask pixel >= this (in 0..255, after conversion to L) is object
     seg_path: str | None = None  # VOC SegmentationClass PNG
@@ -143,7 +143,7 @@ def _hold_out(records: list[Record], fraction: float, seed: int) -> tuple[list[R
         raise ValueError(f"val_fraction={fraction!r}: expected a fraction in (0, 1)")
     n_val = max(1, round(fraction * len(records))) if len(records) > 1 else 0
     pick = set(np.random.default_rng(seed).permutation(len(records))[:n_val].tolist())
-    val = [dataclasses.replace(r, split="val") for i, r in enumerate(records) if i in pick]
+    val = [replace(r, split="val") for i, r in enumerate(records) if i in pick]
     return [r for i, r in enumerate(records) if i not in pick], val
 
 
@@ -245,8 +245,31 @@ def _voc_ids(path: Path) -> list[tuple[str, str]]:
     return [(f[0], f"{path} line {line}") for line, f in _lines(_need_file(path, "VOC image set"))]
 
 
-def read_voc(root: str | Path, val_fraction: float = 0.1, seed: int = 0, on_bad_input: str = "fail") -> Listing:
-    """PASCAL VOC 2012 (root = VOCdevkit/VOC2012: JPEGImages/, Annotations/, ImageSets/, SegmentationClass/)."""
+def read_difficult_subset(path: str | Path, num_classes: int = len(VOC_CLASSES)) -> dict[str, tuple[bool, ...]]:
+    """TorchRay's pointing-game "difficult" subset file (pointing_game_ebp_voc07_difficult.txt, from
+    Zhang et al.'s excitation backprop): one line per image, "<image id>" then one 0/1 flag per class (tab
+    or space separated); a flagged (image, class) pair is in the subset. Returns {image id: flags}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"difficult-subset flags {str(path)!r} not found: expected TorchRay's "
+                         f"torchray/benchmark/pointing_game_ebp_voc07_difficult.txt (or a file in its layout)")
+    out: dict[str, tuple[bool, ...]] = {}
+    for line, f in _lines(path):
+        if len(f) != num_classes + 1 or any(v not in ("0", "1") for v in f[1:]):
+            raise ValueError(f"{path} line {line}: expected '<image id>' and {num_classes} flags (0 or 1), got "
+                             f"{len(f) - 1} field(s) after {f[0]!r}")
+        out[f[0]] = tuple(v == "1" for v in f[1:])
+    return out
+
+
+def read_voc(root: str | Path, val_fraction: float = 0.1, seed: int = 0, on_bad_input: str = "fail",
+             test_list: str = "val", difficult_subset: str | Path | None = None) -> Listing:
+    """PASCAL VOC (root = VOCdevkit/VOC2012 or VOC2007: JPEGImages/, Annotations/, ImageSets/,
+    SegmentationClass/): ImageSets/Main/train.txt trains (``val_fraction`` held out for validation), the
+    ``test_list`` file (val: VOC 2012's public test; test: VOC 2007 test) is the test split.
+    ``difficult_subset``: TorchRay's flags file (``read_difficult_subset``); each test record then lists the
+    classes of its pairs in the subset (``subset_classes``); as in TorchRay, an image the file does not list
+    keeps every pair. A file that lists none of the test images is an error (it is for another split)."""
     root, rows = Path(root), _Rows(on_bad_input)
     seg_ids: set[str] = set()
     for name in ("train.txt", "val.txt", "trainval.txt"):
@@ -254,11 +277,20 @@ def read_voc(root: str | Path, val_fraction: float = 0.1, seed: int = 0, on_bad_
         if p.is_file():
             seg_ids |= {i for i, _ in _voc_ids(p)}
     out: dict[str, list[Record]] = {"train": [], "test": []}
-    for split, set_file in (("train", "train.txt"), ("test", "val.txt")):
+    flags = None if difficult_subset is None else read_difficult_subset(difficult_subset)
+    listed = 0
+    for split, set_file in (("train", "train.txt"), ("test", f"{test_list}.txt")):
         for image_id, where in _voc_ids(root / "ImageSets" / "Main" / set_file):
             rec = _voc_record(root, image_id, split, where, image_id in seg_ids, rows)
+            if rec is not None and split == "test" and flags is not None:
+                listed += image_id in flags
+                keep = flags.get(image_id)
+                rec = replace(rec, subset_classes=tuple(c for c in rec.labels if keep is None or keep[c]))
             if rec is not None:
                 out[split].append(rec)
+    if flags is not None and not listed:
+        raise ValueError(f"{difficult_subset}: lists none of the {len(out['test'])} test images "
+                         f"(ImageSets/Main/{test_list}.txt of {root}); TorchRay's file is for VOC 2007 test")
     train, val = _hold_out(out["train"], val_fraction, seed)
     return Listing("voc", list(VOC_CLASSES), {"train": train, "val": val, "test": out["test"]}, multilabel=True,
                    skipped=rows.skipped)
@@ -368,7 +400,8 @@ def _resized(im: Image.Image, size: int, resample: int) -> np.ndarray:
 def load_record(rec: Record, size: int, num_classes: int, multilabel: bool = False) -> dict[str, np.ndarray]:
     """One record decoded at ``size``: image uint8 [3,S,S], label, mask [S,S] (the object, or the first
     class's boxes), box [4] (the first box, or -1s), background, group; multi-label adds labels [K] (bool),
-    class_masks [K,S,S] (union of each class's boxes), difficult [K] (all its objects difficult) and seg
+    class_masks [K,S,S] (union of each class's boxes), difficult [K] (all its objects difficult), subset [K]
+    (the pairs in TorchRay's difficult subset, when the record lists them) and seg
     [S,S] (uint8: class + 1, 0 background, 255 ignore; all 255 without a SegmentationClass PNG)."""
     try:
         with Image.open(rec.path) as im:
@@ -404,6 +437,10 @@ def load_record(rec: Record, size: int, num_classes: int, multilabel: bool = Fal
         diff = np.zeros(num_classes, bool)
         diff[list(rec.difficult_classes)] = True
         out["difficult"] = diff
+        if rec.subset_classes is not None:  # TorchRay's difficult subset (read_difficult_subset)
+            sub = np.zeros(num_classes, bool)
+            sub[list(rec.subset_classes)] = True
+            out["subset"] = sub
         if rec.seg_path is not None:
             with Image.open(rec.seg_path) as s:
                 if s.mode not in ("P", "L"):
@@ -417,4 +454,4 @@ def load_record(rec: Record, size: int, num_classes: int, multilabel: bool = Fal
 
 __all__ = ["IGNORE", "READERS", "SPLITS", "VOC_CLASSES", "WATERBIRDS_CLASSES", "Listing", "Record", "classes_of",
            "load_record",
-           "read_cub", "read_voc", "read_waterbirds"]
+           "read_cub", "read_difficult_subset", "read_voc", "read_waterbirds"]

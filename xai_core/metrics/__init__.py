@@ -17,9 +17,21 @@ from xai_core.metrics.localisation import (
 )
 from xai_core.metrics.multilabel import average_precision_per_class, mean_average_precision
 from xai_core.metrics.sanity import model_randomisation, spearman
+from xai_core.metrics.segmentation import (
+    best_background_threshold,
+    miou,
+    miou_interval,
+    segmentation_counts,
+    wsss_labels,
+)
 from xai_core.metrics.wsol import best_threshold, dataset_pxap, iou_at, pxap
 
 __all__ = [
+    "best_background_threshold",
+    "miou",
+    "miou_interval",
+    "segmentation_counts",
+    "wsss_labels",
     "Curve",
     "adversarial_examples",
     "auroc",
