@@ -30,12 +30,14 @@ def accuracy_table(df: Any) -> Any:
     """Per model: accuracy on aligned/conflicting groups, worst group, PGD robust accuracy."""
     import pandas as pd
 
-    acc = df[df.method == "none"]
+    from pipelines.results import with_bias
+
+    acc = with_bias(df[df.method == "none"])
     rows = []
     for model, g in acc.groupby("model"):
         row = {"model": model, "accuracy": g.correct.mean()}
         for grp, name in ((0, "aligned"), (1, "conflicting")):
-            sel = g[g.group == grp]
+            sel = g[g.bias == grp] if "bias" in g.columns else g.iloc[:0]  # without backgrounds: n/a
             row[f"acc_{name}"] = sel.correct.mean() if len(sel) else np.nan
         both = [v for v in (row["acc_aligned"], row["acc_conflicting"]) if v == v]
         row["worst_group"] = min(both) if both else np.nan  # NaN without groups (a real dataset's images)

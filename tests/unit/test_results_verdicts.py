@@ -12,7 +12,9 @@ from xai_core import stats
 
 
 def _rows(mode: str, seed: int, method: str, n: int, **cols) -> pd.DataFrame:
-    return pd.DataFrame({"idx": np.arange(n), "group": np.arange(n) % 2, "mode": mode, "seed": seed,
+    # odd images bias-conflicting: class 0 on background 1 (group = bias on biased_shapes)
+    return pd.DataFrame({"idx": np.arange(n), "group": np.arange(n) % 2, "label": 0, "background": np.arange(n) % 2,
+                         "mode": mode, "seed": seed,
                          "method": method, "model": f"{mode}_s{seed}",
                          **{k: np.broadcast_to(v, n).astype(float) for k, v in cols.items()}})
 
@@ -113,3 +115,9 @@ def test_tif_and_haf_lines_name_every_comparator():
     assert ("false response, haf vs. gradcam: -0.200 [95% CI -0.200, -0.200; 1 seed(s) x 30 images, lower is better, "
             "median of the paired differences] → supported") in lines["001"]
     assert "erm_s0 at 8/255 (40 images): haf 0.750 [0.600, 0.900]" in lines["001"]
+
+
+def test_conflicting_means_background_not_class_whatever_the_dataset_groups():
+    """Waterbirds: group = 2 y + place (0-3); bias-conflicting = y != place (groups 1 and 2), not group 1."""
+    df = pd.DataFrame({"label": [0, 0, 1, 1, 0], "background": [0, 1, 0, 1, -1], "group": [0, 1, 2, 3, -1]})
+    assert results.with_bias(df).bias.tolist() == [0, 1, 1, 0, -1]
