@@ -277,7 +277,10 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
     if cfg.data.source == "waterbirds":
         groups = ingest.read_split_numpy(store, ingest_manifest, "train", columns=["group"])["group"]
         if (gt := group_weighted_accuracy(test, groups)) is not None:
-            tables["Groups: worst-group accuracy and the average weighted by the training groups"] = gt
+            from pipelines.results import JTT_PUBLISHED
+
+            tables["Groups: worst-group accuracy and the average weighted by the training groups (published "
+                   f"reference {JTT_PUBLISHED})"] = gt
     summary = store.read_json(evaluate.STAGE, "summary.json") if store.exists(evaluate.STAGE, "summary.json") else {}
     from pipelines.results import WSSS_PREFIX, wsss_table
 

@@ -133,6 +133,8 @@ def multilabel_table(df: Any) -> Any | None:
     return pd.DataFrame(rows).set_index("model")
 
 
+JTT_PUBLISHED = "on Waterbirds with ResNet-50, worst-group accuracy ERM 72.6, JTT 86.7 (Liu et al., ICML 2021)"
+JTT_CONTEXT = f"Published context, another dataset (not to be matched on this benchmark): {JTT_PUBLISHED}."
 WSSS_PREFIX = "wsss_"  # summary.json keys of evaluate.wsss_scores
 
 
@@ -282,6 +284,8 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
             _table(["model", "acc aligned", "acc conflicting", "acc (all)",
                     f"worst group (class x background, >= {MIN_GROUP} images)", "Grad-CAM PG", "Grad-CAM EPG",
                     "saliency deletion AUC", "saliency insertion AUC", "saliency Gini", *eps_cols], rows), ""]
+    if "jtt" in modes:
+        out += [JTT_CONTEXT, ""]
     out += tune_markdown(tune or {})
     if rounds:
         c = cfg.consistency
