@@ -38,17 +38,10 @@ DECODE_BATCH = 32  # records per Ray Data decode task (images decoded, resized a
 
 def decode_batch(batch: dict[str, np.ndarray], size: int, num_classes: int, multilabel: bool
                  ) -> dict[str, np.ndarray]:
-    """Ray Data UDF: rows {idx, record (JSON of a datasets.Record)} -> the split's columns at ``size`` px."""
-    import json
-
+    """Ray Data UDF: rows {idx, record (``Record.to_json``)} -> the split's columns at ``size`` px."""
     from xai_core.data.datasets import Record, load_record
 
-    rows = []
-    for rec in batch["record"]:
-        d = json.loads(rec)
-        d["boxes"] = tuple(tuple(b) for b in d["boxes"])
-        rows.append(load_record(Record(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}),
-                                size, num_classes, multilabel))
+    rows = [load_record(Record.from_json(rec), size, num_classes, multilabel) for rec in batch["record"]]
     out = {"idx": np.asarray(batch["idx"], np.int64)}
     for k in rows[0]:
         out[k] = np.stack([r[k] for r in rows])
@@ -73,8 +66,6 @@ def listing(cfg: Any) -> Any:
 def _dataset_splits(cfg: Any, store: st.Storage, listing: Any) -> tuple[dict[str, list[str]], dict[str, int]]:
     """Records listed on the driver (index files and image headers; an image folder's images checked), then
     decoded, resized and written as Parquet in Ray Data tasks, streaming: the driver never holds the images."""
-    import dataclasses
-    import json
     from functools import partial
 
     import ray.data
@@ -87,7 +78,7 @@ def _dataset_splits(cfg: Any, store: st.Storage, listing: Any) -> tuple[dict[str
         recs = listing.records[split]
         if not recs:
             raise ValueError(f"data.root {d.root!r} ({d.source}): the {split} split is empty")
-        items = [{"idx": i, "record": json.dumps(dataclasses.asdict(r))} for i, r in enumerate(recs)]
+        items = [{"idx": i, "record": r.to_json()} for i, r in enumerate(recs)]
         ds = in_order(ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // DECODE_BATCH))))
         ds = ds.map_batches(partial(decode_batch, size=d.size, num_classes=d.num_classes, multilabel=d.multilabel),
                             batch_size=DECODE_BATCH)

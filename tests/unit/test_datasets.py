@@ -150,3 +150,19 @@ def test_voc_bad_objects_are_named(tmp_path):
     ls = read_voc(root, on_bad_input="skip")
     assert [why for _, why in ls.skipped] == ["unknown class name 'television' (expected one of VOC's 20)"]
     assert len(VOC_OBJECTS) - 1 == sum(len(v) for v in ls.records.values())
+
+
+def test_records_survive_the_json_round_trip_ingest_hands_its_tasks(tmp_path):
+    """Record.to_json / from_json (the Ray Data decode tasks' input): equal records, tuples kept (a list would
+    not compare or hash equal), for every reader's fixture, boxes, masks, difficult and subset flags included."""
+    from xai_core.data.datasets import Record
+
+    voc = write_voc(tmp_path / "voc", segment_all=True)
+    flags = write_difficult_subset(tmp_path / "d.txt", {"2008_000005": [2]})
+    listings = [read_cub(write_cub(tmp_path / "cub", n=12)), read_waterbirds(write_waterbirds(tmp_path / "wb")),
+                read_voc(voc, difficult_subset=flags)]
+    recs = [r for ls in listings for split in ls.records.values() for r in split]
+    assert any(r.boxes for r in recs) and any(r.subset_classes for r in recs) and any(r.mask_path for r in recs)
+    for r in recs:
+        back = Record.from_json(r.to_json())
+        assert back == r and hash(back.boxes) == hash(r.boxes)

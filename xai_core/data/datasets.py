@@ -29,10 +29,11 @@ are left out and listed in ``Listing.skipped`` as (where, reason).
 from __future__ import annotations
 
 import csv
+import json
 import math
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,16 @@ class Record:
     seg_path: str | None = None  # VOC SegmentationClass PNG
     background: int = -1
     group: int = -1
+
+    def to_json(self) -> str:
+        """The record as JSON (what ingest hands its Ray Data decode tasks); ``from_json`` inverts it."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Record:
+        d = json.loads(text)
+        d["boxes"] = tuple(tuple(b) for b in d["boxes"])
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 @dataclass
