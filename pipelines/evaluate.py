@@ -535,12 +535,12 @@ def segmented_splits(store: st.Storage, manifest: dict, n: int) -> dict[str, dic
         for f in manifest["files"][split]:
             if got >= n:
                 break
-            t = pq.read_table(store.path(f), filesystem=store.fs)
-            if "seg" not in t.column_names or "labels" not in t.column_names:
+            if not {"seg", "labels"} <= set(pq.read_schema(store.path(f), filesystem=store.fs).names):
                 log.warning("evaluate.wsss_images=%d: the %s split has no segmentation masks (seg): WSSS left out",
                             n, split)
                 return None
-            cols = {c: t.column(c).combine_chunks().to_numpy() for c in ("image", "labels", "seg")}
+            t = pq.read_table(store.path(f), filesystem=store.fs, columns=["image", "labels", "seg"])
+            cols = {c: t.column(c).combine_chunks().to_numpy() for c in t.column_names}
             keep = np.flatnonzero((cols["seg"] != IGNORE).reshape(len(cols["seg"]), -1).any(1))[: n - got]
             parts.append({c: v[keep] for c, v in cols.items()})
             got += len(keep)
