@@ -39,12 +39,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from xai_core.metrics.segmentation import IGNORE  # VOC's "void" label in SegmentationClass
+
 SPLITS = ("train", "val", "test")
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
                "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
                "tvmonitor")
 WATERBIRDS_CLASSES = ("landbird", "waterbird")
-IGNORE = 255  # VOC's "void" label in SegmentationClass
 _BAD_IMAGE = (OSError, UnidentifiedImageError, ValueError, SyntaxError)
 Box = tuple[float, float, float, float]
 
