@@ -33,7 +33,19 @@ def config_hash(cfg: Any) -> str:
     return digest({"data": section_dump(cfg, "data"), "ingest": 2})
 
 
-DECODE_BATCH = 32  # records per Ray Data decode task (images decoded, resized and cropped in the task)
+DECODE_BLOCK_BYTES = 64 * 2**20  # decoded bytes per Ray Data decode task (half Ray Data's 128 MiB target block)
+DECODE_MAX_ROWS = 1024  # and at most this many records: a split of 14,400 is 15 tasks for the CPUs to share
+
+
+def decode_rows(size: int, num_classes: int, multilabel: bool, rows_per_shard: int) -> int:
+    """Records per decode task (one Parquet file each): ``rows_per_shard`` or DECODE_MAX_ROWS, or fewer when
+    their decoded columns (image 3xSxS + mask SxS, and K class masks + seg when multi-label, in bytes) pass
+    DECODE_BLOCK_BYTES: at 64 px 1,024 rows are 16 MiB, at 224 px 334 rows fit. Tasks of 32 rows (the former
+    size) spent most of their time in Ray Data's per-task overhead and wrote a file each (450 for 14,400
+    images): on 2 cores, 20,000 images at 64 px took 30-33 s warm with 32 rows per task against 14-19 s with
+    1,024 (docs/BENCHMARKS.md)."""
+    per_row = 4 * size * size + ((num_classes + 1) * size * size if multilabel else 0)
+    return max(1, min(rows_per_shard, DECODE_MAX_ROWS, DECODE_BLOCK_BYTES // per_row))
 
 
 def decode_batch(batch: dict[str, np.ndarray], size: int, num_classes: int, multilabel: bool
@@ -79,9 +91,10 @@ def _dataset_splits(cfg: Any, store: st.Storage, listing: Any) -> tuple[dict[str
         if not recs:
             raise ValueError(f"data.root {d.root!r} ({d.source}): the {split} split is empty")
         items = [{"idx": i, "record": r.to_json()} for i, r in enumerate(recs)]
-        ds = in_order(ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // DECODE_BATCH))))
+        block = decode_rows(d.size, d.num_classes, d.multilabel, d.rows_per_shard)
+        ds = in_order(ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // block))))
         ds = ds.map_batches(partial(decode_batch, size=d.size, num_classes=d.num_classes, multilabel=d.multilabel),
-                            batch_size=DECODE_BATCH)
+                            batch_size=block)
         ds.write_parquet(store.uri(STAGE, split), filesystem=store.fs, max_rows_per_file=d.rows_per_shard)
         files[split] = _files_in_idx_order(store, split)
         rows[split] = len(recs)

@@ -169,5 +169,6 @@ def test_ingest_tiny(tmp_path):
 
     data = ingest.main(["--tiny", "--out-dir", str(tmp_path)])
     assert [r["cpus"] for r in data["rows"]] == [1, 2] and all(r["images"] == 200 for r in data["rows"])
-    assert all(_positive_finite(float(r["images_per_s"])) and _positive_finite(float(r["peak_driver_mib"]))
-               for r in data["rows"])
+    assert all(_positive_finite(float(r[k])) for r in data["rows"]
+               for k in ("images_per_s", "warm_images_per_s", "peak_driver_mib"))
+    assert all(r["warm_images_per_s"] == pytest.approx(200 / r["warm_seconds"], rel=0.01) for r in data["rows"])

@@ -1,4 +1,5 @@
-"""ingest._validate, branch by branch: each bad split is named with its row or shape and what was expected."""
+"""ingest._validate, branch by branch: each bad split is named with its row or shape and what was expected; the
+size of ingest's decode tasks."""
 
 import re
 
@@ -27,3 +28,15 @@ def test_a_good_split_passes():
 def test_each_check_names_what_is_wrong(breaker, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         _validate("train", breaker(_split()), num_classes=3)
+
+
+def test_decode_tasks_are_whole_shards_within_the_byte_budget():
+    from pipelines.ingest import DECODE_BLOCK_BYTES, DECODE_MAX_ROWS, decode_rows
+
+    assert (DECODE_BLOCK_BYTES, DECODE_MAX_ROWS) == (64 * 2**20, 1024)
+    assert decode_rows(64, 4, False, 2048) == 1024  # 16 KiB a row: the row cap
+    assert decode_rows(64, 4, False, 100) == 100  # never more than a shard file holds
+    assert decode_rows(224, 200, False, 2048) == 67108864 // (4 * 224 * 224) == 334  # 196 KiB a row
+    # multi-label: + 20 class masks + seg, 25 bytes a pixel
+    assert decode_rows(224, 20, True, 2048) == 67108864 // (25 * 224 * 224) == 53
+    assert decode_rows(4096, 1000, True, 16) == 1  # one row per task at least
