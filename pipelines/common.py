@@ -55,6 +55,51 @@ def progress(message: str) -> None:
     print(message, file=(sys.__stdout__ or sys.stdout) if patched else sys.stdout, flush=True)
 
 
+RAY_LOGS_ENV = "XAI_RAY_LOGS"  # "1": Ray's INFO-level console lines as Ray prints them (see quiet_ray_console)
+
+
+def ray_logs() -> bool:
+    """Whether Ray's own INFO-level console lines are wanted (XAI_RAY_LOGS=1); by default they are left out."""
+    return os.environ.get(RAY_LOGS_ENV) == "1"
+
+
+def train_log_level() -> str:
+    """Ray Train's console level (its ``LoggingConfig``): without it, every fit prints its worker-group start
+    (5 lines) and every epoch "Checkpoint successfully created" and "Reporting training result" (2 lines);
+    its log files under the session directory keep every level either way."""
+    return "INFO" if ray_logs() else "WARNING"
+
+
+def quiet_train_worker() -> None:
+    """In a Ray Train worker, unless XAI_RAY_LOGS=1: Ray Train's "Reporting training result N: ..." line per
+    epoch at WARNING (its logger is named after its file, so ``LoggingConfig`` does not reach it)."""
+    import logging
+
+    if ray_logs():
+        return
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # a Ray without that module: nothing to quiet
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def quiet_ray_console() -> None:
+    """This process's Ray Data console handler at WARNING unless XAI_RAY_LOGS=1: where stdout is not a
+    terminal (``make run``'s log, a job's log) Ray Data logs a progress table of every operator each 10 s
+    and each dataset's plan, 323 of 1,762 lines in a quick run; its ray-data.log file keeps them. Our stages
+    log their own progress (committed shards, rounds, epochs)."""
+    import logging
+
+    import ray.data  # noqa: F401 - configures Ray Data's logging at import; the level is set after it
+
+    if ray_logs():
+        return
+    for h in logging.getLogger("ray.data").handlers:
+        if h.get_name() == "console":
+            h.setLevel(logging.WARNING)
+
+
 PAUSE_DIR_ENV = "XAI_PAUSE_DIR"
 
 

@@ -63,6 +63,9 @@ def init_ray(cfg: object) -> float:
         session = _session_dir()
         if session:  # registered after Ray's own exit handler, so it runs first: shut down, then reap
             atexit.register(_shutdown_and_reap, session)
+    from pipelines.common import quiet_ray_console
+
+    quiet_ray_console()
     return float(ray.cluster_resources().get("CPU", 1))
 
 

@@ -22,7 +22,7 @@ STAGE = "sweep"
 SWEEP_METRICS = ("pxap", "iou", "energy_pointing_game", "pointing_game", "gini", "deletion_auc")
 
 
-def alpha_trial(config: dict) -> None:
+def alpha_trial(config: dict, fixed: dict | None = None) -> None:
     """One Tune trial: one thresholded method at one alpha on the validation split; reports the sweep's
     localisation scores (PxAP, IoU, EPG, pointing game), Gini and deletion AUC: the alpha curves."""
     import ray.tune
@@ -35,6 +35,7 @@ def alpha_trial(config: dict) -> None:
     from xai_core.metrics import deletion_auc, energy_pointing_game, gini, localisation_iou, pointing_game, pxap
 
     torch.set_num_threads(1)
+    config = {**(fixed or {}), **config}
     cfg = Config.model_validate(config["cfg"])
     store = st.Storage(*config["storage"])
     model = load_model(cfg, store.read_bytes(config["model_path"]), config["model_path"])
@@ -53,7 +54,7 @@ def alpha_trial(config: dict) -> None:
     ray.tune.report({k: v / len(y) for k, v in sums.items()})
 
 
-def haf_trial(config: dict) -> None:
+def haf_trial(config: dict, fixed: dict | None = None) -> None:
     """One Tune trial: a HAF reading (an evaluated method whose base is HAF) at one learning rate on the first
     sweep.haf_images validation images, sweep.haf_max_steps Adam steps; reports, per step, the mean over images
     of the objective P_c + lam * sparsity of the masks HAF would keep after that many steps (its per-image
@@ -69,6 +70,7 @@ def haf_trial(config: dict) -> None:
     from xai_core.attribution.reliable import learn_masks
 
     torch.set_num_threads(1)
+    config = {**(fixed or {}), **config}
     cfg = Config.model_validate(config["cfg"])
     store = st.Storage(*config["storage"])
     model = load_model(cfg, store.read_bytes(config["model_path"]), config["model_path"])
@@ -94,14 +96,17 @@ def haf_pick(curve: list[float], tol: float) -> int:
 def _grid_tuner(trial: Any, grid: dict[str, list], cfg: Any, store: st.Storage, ingest_manifest: dict,
                 model_path: str, plan: Any, name: str, verbose: int) -> Any:
     """A Ray Tune grid over ``grid`` (every combination) of a validation-split trial on one model; each trial
-    gets the config, the model's checkpoint path, the ingest manifest and the storage it reads them from."""
+    gets the config, the model's checkpoint path, the ingest manifest and the storage it reads them from as
+    ``fixed`` (``tune.with_parameters``): the trial's config is the grid point only, so Tune's console and
+    result tables show the swept keys (in the param space, the whole config printed as a ~110-line table at
+    every trial's start)."""
     import ray.tune
 
+    fixed = {"cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
+             "storage": store.args()}
     return ray.tune.Tuner(
-        ray.tune.with_resources(trial, {"cpu": plan.tune_trial_cpus}),
-        param_space={**{k: ray.tune.grid_search(v) for k, v in grid.items()},
-                     "cfg": cfg.model_dump(mode="json"), "model_path": model_path, "ingest": ingest_manifest,
-                     "storage": store.args()},
+        ray.tune.with_resources(ray.tune.with_parameters(trial, fixed=fixed), {"cpu": plan.tune_trial_cpus}),
+        param_space={k: ray.tune.grid_search(v) for k, v in grid.items()},
         tune_config=ray.tune.TuneConfig(max_concurrent_trials=plan.tune_concurrency),
         run_config=ray.tune.RunConfig(name=name, storage_path=store.path("tune"),
                                       storage_filesystem=store.fs if store.is_s3 else None, verbose=verbose),

@@ -28,10 +28,12 @@ from pipelines.common import (
     pause_point,
     pick_device,
     progress,
+    quiet_train_worker,
     set_threads,
     shard_limit,
     state_bytes,
     to_tensors,
+    train_log_level,
     trainer_input,
 )
 from pipelines.config import ADV_MODES, WEIGHTED_MODES
@@ -151,6 +153,7 @@ def train_loop(lc: dict) -> None:
 
     from pipelines.config import Config
 
+    quiet_train_worker()
     cfg = Config.model_validate(lc["cfg"])
     ctx = ray.train.get_context()
     set_threads(cfg.train.threads_per_worker, ctx.get_local_world_size())
@@ -374,7 +377,8 @@ def fit(cfg: Any, store: st.Storage, data: Any, *, mode: str, seed: int, epochs:
         run_config=ray.train.RunConfig(
             name=name, storage_path=store.path("ray"), storage_filesystem=store.fs if store.is_s3 else None,
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=None),
+            logging_config=ray.train.LoggingConfig(log_level=train_log_level())),
     )
     result = trainer.fit()
     if result.error:

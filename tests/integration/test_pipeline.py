@@ -257,6 +257,15 @@ def test_sweep_rows_recomputed_and_the_best_alpha_is_their_argmax(smoke_run):
         curve = sorted((r for r in res["rows"] if r["method"] == method), key=lambda r: r["alpha"])
         assert res["best_alphas"][method] == max(curve, key=lambda r: r["pxap"])["alpha"]
     assert res["best_alpha"] == res["best_alphas"]["tif"]
+    # each Tune trial's config is its grid point (the rest travels by tune.with_parameters), so Tune's console
+    # tables print the swept keys, not the whole config
+    params = sorted(store.glob("tune/*-alpha-*/alpha_trial_*/params.json")) + \
+        sorted(store.glob("tune/*-haf-*/haf_trial_*/params.json"))
+    from pipelines.evaluate import base_method
+
+    haf_methods = [m for m in cfg.evaluate.methods if base_method(m) == "haf"]
+    assert len(params) == 2 * len(cfg.sweep.alphas) + len(haf_methods) * len(cfg.sweep.haf_lrs), params
+    assert {tuple(sorted(json.loads(p.read_text()))) for p in params} == {("alpha", "method"), ("lr", "method")}
 
 
 def test_validation_accuracy_of_the_last_epoch_is_the_committed_models(smoke_run):
