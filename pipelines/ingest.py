@@ -199,8 +199,16 @@ def to_ray_dataset(arrays: dict[str, np.ndarray]) -> Any:
 
 
 def write_split(store: st.Storage, stage: str, split: str, ds: Any, shards: int) -> list[str]:
-    """Write a Ray Dataset as Parquet under <stage>/<split>/ and return the files written."""
-    ds.repartition(max(1, shards)).write_parquet(store.uri(stage, split), filesystem=store.fs)
+    """Write a Ray Dataset as Parquet under <stage>/<split>/ and return the files written. A failed write
+    names the destination: the store's own error may not (an S3 endpoint lost at a write task's bucket check
+    said only "When testing for existence of bucket ...")."""
+    uri = store.uri(stage, split)
+    try:
+        ds.repartition(max(1, shards)).write_parquet(uri, filesystem=store.fs)
+    except Exception as e:
+        if f"{stage}/{split}" in str(e):
+            raise
+        raise OSError(f"writing the {split} split of stage {stage} to {uri} failed: {type(e).__name__}: {e}") from e
     return [p[len(store.path()) + 1:] for p in store.list_files(stage, split, suffix=".parquet")]
 
 
