@@ -9,8 +9,10 @@ with 1 torch thread (an actor of 1 CPU) on one batch of the config's test split 
 untrained model of the config's architecture: every method of ``evaluate.methods`` together (the stage's
 work per batch and model), each method alone, and no method (the clean accuracy and PGD rows that every
 call computes). A method's own cost is its call less the no-method call. Throughput = images x methods x
-models / seconds of the call with every method. Untrained weights: the passes are what they are after
-training (HAF and the curves run a fixed number of steps), only the values differ.
+models / seconds of the call with every method. Untrained weights: HAF and the maps run the same passes as after
+training, but the curves do not: an image whose pixels two methods rank alike is perturbed once
+(``perturbation_curve_set``), and untrained models give more such ties (flat maps), so this bench
+overstates that saving (docs/BENCHMARKS.md: 1.28x untrained, 1.04x on a trained model).
 
 Issue 19 asks evaluate for at least 2x this throughput, measured before and after. Writes
 bench/results/evaluate.json (evaluate_tiny.json with --tiny) and prints a markdown table.

@@ -176,6 +176,29 @@ def test_curve_set_equals_each_curve_alone_and_runs_the_shared_points_once(fmt):
     assert not torch.allclose(alone["random"], d)  # the random order is another order
 
 
+def test_curve_set_computes_an_image_once_per_mode_and_pixel_order():
+    """Curves of the same mode whose maps rank an image's pixels alike (the same map doubled, a flat map and
+    another flat map: both ranked by pixel index) share its inner points; the values equal each curve alone."""
+    from xai_core.metrics.faithfulness import Curve, perturbation_curve_set, perturbation_curves
+
+    model, x, maps, t = _batch()
+    other = seeded(lambda: torch.rand(3, 8, 8), 5)
+    mixed = other.clone()
+    mixed[1] = 2 * maps[1] + 1  # image 1 ranked as by `maps`, images 0 and 2 as by `other`
+    flat_a, flat_b = torch.zeros(3, 8, 8), torch.full((3, 8, 8), 0.5)
+    series = {"a": Curve("deletion", maps), "mixed": Curve("deletion", mixed), "b": Curve("deletion", other),
+              "a_ins": Curve("insertion", maps), "flat_a": Curve("deletion", flat_a),
+              "flat_b": Curve("deletion", flat_b), "flat_ins": Curve("insertion", flat_b)}
+    counted = _Counting(model)
+    got, _ = perturbation_curve_set(counted, x, t, series, n_steps=5, chunk_size=4)
+    for key, c in series.items():
+        alone, _ = perturbation_curves(model, x, c.maps, t, n_steps=5, mode=c.mode)
+        torch.testing.assert_close(got[key], alone, rtol=0, atol=1e-6, msg=key)
+    # end points 2 x 3; inner points (4 per image) for: a 3 images, mixed 2 (image 1 is a's), b 1 (images 0, 2
+    # are mixed's), a_ins 3 (another mode), flat_a 3, flat_b 0 (flat_a's order), flat_ins 3
+    assert counted.rows == 2 * 3 + 4 * (3 + 2 + 1 + 3 + 3 + 0 + 3)
+
+
 def test_curve_set_one_step_and_errors():
     from xai_core.metrics.faithfulness import Curve, perturbation_curve_set
 
