@@ -172,3 +172,64 @@ def test_ingest_tiny(tmp_path):
     assert all(_positive_finite(float(r[k])) for r in data["rows"]
                for k in ("images_per_s", "warm_images_per_s", "peak_driver_mib"))
     assert all(r["warm_images_per_s"] == pytest.approx(200 / r["warm_seconds"], rel=0.01) for r in data["rows"])
+
+
+def test_evaluate_bench_configs_validate_with_the_paper_config():
+    """Each side of bench.evaluate (every method, none, each alone) is a config EvalActor accepts: the paper
+    config's mode_methods names saliency and Grad-CAM, which a one-method config would otherwise lack."""
+    from bench.evaluate import only
+    from pipelines.config import ROOT, Config, load_config
+
+    cfg = load_config(ROOT / "configs/paper.yaml")
+    assert cfg.evaluate.mode_methods  # the case that broke the bench
+    for methods in ([], ["haf"], list(cfg.evaluate.methods)):
+        c = Config.model_validate(only(cfg, methods))
+        assert c.evaluate.methods == methods and c.evaluate.mode_methods == {}
+        assert c.evaluate.haf_steps == cfg.evaluate.haf_steps and c.data.size == cfg.data.size
+
+
+def test_value_gaps_per_column_and_method():
+    """The largest |after - before| per value column and method, by hand; equal NaNs are no gap, a NaN on one
+    side only is an infinite one; the key columns are not compared; other rows are an error."""
+    import numpy as np
+
+    from bench.evaluate import value_gaps
+
+    method = np.array(["none", "gradcam", "gradcam", "tif"])
+    before = {"col_method": method, "col_idx": np.array([0, 0, 1, 0]), "col_label": np.array([1, 1, 2, 1]),
+              "col_pxap": np.array([np.nan, 0.5, 0.25, 0.75], np.float32),
+              "col_gini": np.array([np.nan, 0.1, 0.2, 0.3]), "col_curve": np.array([[1.0, 0.5]] * 4),
+              "times": np.array([1.0])}
+    after = {**before, "col_pxap": np.array([np.nan, 0.5, 0.375, 0.5], np.float32),
+             "col_gini": np.array([0.0, 0.1, 0.2, 0.3]), "col_label": np.array([9, 9, 9, 9]),
+             "col_curve": np.array([[1.0, 0.5], [1.0, 0.5], [1.0, 0.25], [1.0, 0.5]]), "times": np.array([2.0])}
+    assert value_gaps(before, after) == {"pxap": {"gradcam": 0.125, "tif": 0.25}, "gini": {"none": np.inf},
+                                         "curve": {"gradcam": 0.25}}
+    assert value_gaps(before, before) == {}
+    with pytest.raises(SystemExit, match="different rows"):
+        value_gaps(before, {**after, "col_idx": np.array([0, 1, 1, 0])})
+
+
+def test_evaluate_bench_alphas_from_text_or_a_sweep_manifest(tmp_path):
+    from bench.evaluate import ALPHAS, _alphas
+
+    assert _alphas(None) == ALPHAS
+    assert _alphas('{"tif": 0.1}') == {"tif": 0.1}
+    manifest = tmp_path / "_manifest.json"
+    manifest.write_text(json.dumps({"stage": "sweep", "tuned": {"tif": 0.1, "haf:steps": 74, "haf:lr": 0.5}}))
+    assert _alphas(str(manifest)) == {"tif": 0.1, "haf:steps": 74.0, "haf:lr": 0.5}
+    with pytest.raises(SystemExit, match="neither a JSON file nor JSON text"):
+        _alphas("tif=0.1")
+    with pytest.raises(SystemExit, match="mapping of method"):
+        _alphas('{"tif": "high"}')
+
+
+@pytest.mark.bench
+def test_evaluate_against_itself_tiny(tmp_path):
+    """--against HEAD: the same code on both sides writes the same values, every one of them."""
+    from bench import evaluate
+
+    data = evaluate.main(["--tiny", "--against", "HEAD", "--out-dir", str(tmp_path)])
+    assert data["value_gaps"] == {} and data["keys_before_lacks_at_default"] == []
+    assert len(data["times_s"]["before"]) == len(data["times_s"]["after"]) == 1
+    assert all(_positive_finite(v) for v in data["pair_ratios"])
