@@ -95,7 +95,7 @@ def _dataset_splits(cfg: Any, store: st.Storage, listing: Any) -> tuple[dict[str
         ds = in_order(ray.data.from_items(items, override_num_blocks=max(1, -(-len(items) // block))))
         ds = ds.map_batches(partial(decode_batch, size=d.size, num_classes=d.num_classes, multilabel=d.multilabel),
                             batch_size=block)
-        ds.write_parquet(store.uri(STAGE, split), filesystem=store.fs, max_rows_per_file=d.rows_per_shard)
+        write_parquet(store, STAGE, split, ds, max_rows_per_file=d.rows_per_shard)
         files[split] = _files_in_idx_order(store, split)
         rows[split] = len(recs)
         log.info("ingest: %s split, %d rows in %d shard(s)", split, rows[split], len(files[split]))
@@ -198,17 +198,28 @@ def to_ray_dataset(arrays: dict[str, np.ndarray]) -> Any:
     return ray.data.from_arrow(_arrow_table(arrays))
 
 
-def write_split(store: st.Storage, stage: str, split: str, ds: Any, shards: int) -> list[str]:
-    """Write a Ray Dataset as Parquet under <stage>/<split>/ and return the files written. A failed write
-    names the destination: the store's own error may not (an S3 endpoint lost at a write task's bucket check
-    said only "When testing for existence of bucket ...")."""
+def write_parquet(store: st.Storage, stage: str, split: str, ds: Any, **options: Any) -> None:
+    """``ds.write_parquet`` to <stage>/<split>/ of the store; a failed write names the destination, which the
+    store's own error may not (an S3 endpoint lost at a write task's bucket check said only "When testing
+    for existence of bucket ..."). Errors about the data pass unchanged: a ValueError, a Ray Data UDF's error
+    (a UserCodeException whose text holds the UDF's own error: a record that does not decode, named by its
+    file and row; Ray does not carry the original exception object over), and an error that already names
+    <stage>/<split>."""
+    from ray.exceptions import UserCodeException
+
     uri = store.uri(stage, split)
     try:
-        ds.repartition(max(1, shards)).write_parquet(uri, filesystem=store.fs)
+        ds.write_parquet(uri, filesystem=store.fs, **options)
     except Exception as e:
-        if f"{stage}/{split}" in str(e):
+        if isinstance(e, (ValueError, UserCodeException)) or f"{stage}/{split}" in str(e):
             raise
-        raise OSError(f"writing the {split} split of stage {stage} to {uri} failed: {type(e).__name__}: {e}") from e
+        raise OSError(f"the {split} split of stage {stage} was not written to {uri}: {type(e).__name__}: {e}") from e
+
+
+def write_split(store: st.Storage, stage: str, split: str, ds: Any, shards: int) -> list[str]:
+    """Write a Ray Dataset as ``shards`` Parquet files under <stage>/<split>/ (``write_parquet``: a failed
+    write names the destination) and return the files written."""
+    write_parquet(store, stage, split, ds.repartition(max(1, shards)))
     return [p[len(store.path()) + 1:] for p in store.list_files(stage, split, suffix=".parquet")]
 
 

@@ -115,3 +115,21 @@ def test_fit_input_small_split_is_read_by_each_worker_its_equal_share_with_weigh
     ds = ingest.fit_input(streamed, manifest, "train", cols, 1 << 20, weights=weights)  # over driver_io_mb
     rows = sorted(ds.take_all(), key=lambda r: r["idx"])
     assert [r["idx"] for r in rows] == list(range(12)) and [r["w"] for r in rows] == list(one["w"])
+
+
+def test_a_record_that_does_not_decode_in_a_ray_task_fails_the_write_as_itself(ray_session, tmp_path):
+    """Through Ray Data (a map_batches task, then its Parquet write): the UDF's error reaches the driver as Ray
+    Data's UserCodeException, with the UDF's message in it, not as a failed write."""
+    import ray.data
+    from ray.exceptions import UserCodeException
+
+    def decode(batch):
+        if 3 in batch["idx"]:
+            raise ValueError("bad input '/data/dog/3.png': unreadable image")
+        return batch
+
+    store = st.Storage(str(tmp_path))
+    ds = ray.data.range(6, override_num_blocks=2).map(lambda r: {"idx": r["id"]}).map_batches(decode)
+    with pytest.raises(UserCodeException, match=r"bad input '/data/dog/3\.png': unreadable image") as got:
+        ingest.write_parquet(store, "ingest", "train", ds)
+    assert not isinstance(got.value, OSError) and "was not written to" not in str(got.value)

@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -403,7 +404,12 @@ def test_knob_sweep_trial_trains_exactly_what_train_py_trains(smoke_copy):
                                               "tune/consistency/consistency.power=2.0"}
     live = [k for k, v in ray._private.state.state.placement_group_table().items() if v["state"] != "REMOVED"]
     assert live == []
-    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"]
+    # every CPU comes back: Ray frees a removed placement group's bundles and an ended trial actor's CPUs
+    # asynchronously (a check right after fit once saw 3.75 of 4, the trial's 0.25 still in its bundle)
+    total, deadline = ray.cluster_resources()["CPU"], time.monotonic() + 30
+    while (free := ray.available_resources().get("CPU")) != total and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert free == total, ray.available_resources()
     assert full.main(args) == 0  # committed: nothing is trained again
     assert json.loads((root / "tune" / "consistency" / "results.json").read_text()) == res
 

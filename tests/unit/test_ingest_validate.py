@@ -40,3 +40,42 @@ def test_decode_tasks_are_whole_shards_within_the_byte_budget():
     # multi-label: + 20 class masks + seg, 25 bytes a pixel
     assert decode_rows(224, 20, True, 2048) == 67108864 // (25 * 224 * 224) == 53
     assert decode_rows(4096, 1000, True, 16) == 1  # one row per task at least
+
+
+class _FailingWrite:
+    """A dataset whose Parquet write raises ``error`` (the only method ingest.write_parquet calls)."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error, self.calls = error, []
+
+    def write_parquet(self, uri, **kw):
+        self.calls.append((uri, kw))
+        raise self.error
+
+
+def test_a_failed_parquet_write_names_its_destination_and_data_errors_pass_unchanged(tmp_path):
+    from pipelines import storage as st
+    from pipelines.ingest import write_parquet
+
+    store = st.Storage(str(tmp_path / "runs"))
+    uri = store.uri("ingest", "test")
+    lost = _FailingWrite(OSError("When testing for existence of bucket 'b': AWS Error NETWORK_CONNECTION"))
+    with pytest.raises(OSError) as got:
+        write_parquet(store, "ingest", "test", lost, max_rows_per_file=7)
+    assert str(got.value) == (f"the test split of stage ingest was not written to {uri}: OSError: When testing "
+                              "for existence of bucket 'b': AWS Error NETWORK_CONNECTION")
+    assert got.value.__cause__ is lost.error and lost.calls == [(uri, {"filesystem": store.fs, "max_rows_per_file": 7})]
+    other = _FailingWrite(RuntimeError("task lost"))  # not an OSError itself: named all the same
+    with pytest.raises(OSError, match=re.escape(f"not written to {uri}: RuntimeError: task lost")):
+        write_parquet(store, "ingest", "test", other)
+    for error in (ValueError("bad input '/data/dog/3.png': unreadable image"),  # about the data: as raised
+                  OSError(f"No space left on device: {tmp_path}/runs/ingest/test/part-0.parquet")):  # names it
+        with pytest.raises(type(error)) as same:
+            write_parquet(store, "ingest", "test", _FailingWrite(error))
+        assert same.value is error
+    from ray.exceptions import UserCodeException
+
+    udf = UserCodeException("UDF failed to process a data block: ValueError: bad input '/data/dog/3.png'")
+    with pytest.raises(UserCodeException) as same:  # a Ray Data UDF's error (decode): about the data, as raised
+        write_parquet(store, "ingest", "test", _FailingWrite(udf))
+    assert same.value is udf
