@@ -505,9 +505,14 @@ def dataset_checks(cfg: Any, store: st.Storage, ingest_manifest: dict, models: d
         if e.randomisation_images:
             x, y = data["image"][: e.randomisation_images], data["label"][: e.randomisation_images].long()
             for method in [m for m in ("gradcam", "saliency", "tif", "haf") if m in methods_of(cfg, key)]:
-                corr = model_randomisation(model, x, y, explain_fn(cfg, method, alphas))
+                constant: dict[str, torch.Tensor] = {}
+                corr = model_randomisation(model, x, y, explain_fn(cfg, method, alphas), constant=constant)
+                # a constant map has no ranks: the Spearman mean is over the images where both maps vary, and
+                # the share of constant maps (a mask collapsed to empty) is reported beside it
+                res[f"randomisation_{method}_trained_constant"] = float(constant["trained"].float().mean())
                 for layer, rho in corr.items():
                     res[f"randomisation_{method}_{layer}"] = float(torch.nanmean(rho))
+                    res[f"randomisation_{method}_{layer}_constant"] = float(constant[layer].float().mean())
         if seg:
             res.update(wsss_scores(cfg, model, seg, methods_of(cfg, key), alphas))
         out[key] = res

@@ -124,7 +124,12 @@ def restore(kept: Path, store: st.Storage) -> list[str]:
             continue
         store.remove_dir(rel)  # leftovers of an attempt that died before committing
         files = sorted(p for p in unit.rglob("*") if p.is_file() and p.name != st.MANIFEST)
-        for p in files + [unit / st.MANIFEST]:  # the manifest last: the unit counts only once it is whole
+        # the manifests of the units inside (a committed stage's models, shards, checks) after every file, the
+        # innermost first, the unit's own last: it counts only once it is whole, and so does each part of it,
+        # so that a stage run again (its own manifest stale) still skips the parts committed under its hash
+        inner = sorted((p for p in unit.rglob(st.MANIFEST) if p != unit / st.MANIFEST),
+                       key=lambda p: (-len(p.parts), p.as_posix()))
+        for p in files + inner + [unit / st.MANIFEST]:
             store.write_bytes(p.read_bytes(), rel, p.relative_to(unit).as_posix())
         back.append(rel)
     return back

@@ -325,6 +325,10 @@ def run(cfg: Any, store: st.Storage, ingest_manifest: dict, train_manifest: dict
         import pandas as pd
         parts.append(_table_html(pd.DataFrame(checks), "Adversarial detection AUROC (§3b) and model "
                                  "randomisation Spearman (§6)"))
+        from pipelines.results import randomisation_notes
+
+        parts += [f"<p>{html.escape(line.lstrip('- '))}</p>"
+                  for line in randomisation_notes(checks, cfg.evaluate.randomisation_images) if line]
     with tempfile.TemporaryDirectory() as d:
         for name, fig in figures.items():
             title = html.escape(name.replace("_", " "))

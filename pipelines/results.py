@@ -248,6 +248,39 @@ def tune_markdown(tune: dict[str, dict]) -> list[str]:
     return out
 
 
+def _quantity(key: str, value: float) -> str:
+    """A cell of the dataset-checks table: image counts as integers, the rest to 3 decimals."""
+    return f"{value:.0f}" if key.startswith("detection_images_") and np.isfinite(value) else f"{value:.3f}"
+
+
+def randomisation_notes(summary: dict, images: int) -> list[str]:
+    """What the randomisation rows cannot say: a constant map has no ranks, so its Spearman is undefined
+    (``randomisation_<method>_<layer>`` is the mean over the images where both maps vary). One line per method
+    whose maps were constant anywhere, from the ``..._constant`` shares (mean over the models)."""
+    lines = []
+    for method in sorted({k[len("randomisation_"):-len("_trained_constant")] for r in summary.values() for k in r
+                          if k.startswith("randomisation_") and k.endswith("_trained_constant")}):
+        pre = f"randomisation_{method}_"
+        layers = sorted({k[len(pre):-len("_constant")] for r in summary.values() for k in r
+                         if k.startswith(pre) and k.endswith("_constant") and k != f"{pre}trained_constant"})
+        share = {w: float(np.mean([r[f"{pre}{w}_constant"] for r in summary.values() if f"{pre}{w}_constant" in r]))
+                 for w in ["trained", *layers]}
+        if max(share.values()) == 0:
+            continue
+        undefined = [w for w in layers if all(not np.isfinite(r.get(f"{pre}{w}", np.nan)) for r in summary.values())]
+        lines.append(f"- {method}: its map is constant on {share['trained']:.0%} of the {images} images on the "
+                     "trained models and, after re-initialising, on "
+                     + ", ".join(f"{share[w]:.0%} ({w})" for w in layers) + " (mean over the models). "
+                     + (f"The Spearman is undefined on every model for {', '.join(undefined)}: a map that turns "
+                        "constant when the weights are re-drawn does depend on them, but no rank correlation "
+                        "says how much." if undefined else "Its Spearman rows are means over the other images."))
+    if not lines:
+        return []
+    return ["A constant map has no ranks, so its Spearman correlation is undefined (nan): each randomisation "
+            "row is the mean over the images where both maps vary, and a `_constant` row is the share of images "
+            "whose map (on the trained model, or after re-initialising that layer) is constant.", "", *lines, ""]
+
+
 def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, sweep: dict | None,
                      command: str, rounds: list[dict] | None = None, tune: dict[str, dict] | None = None) -> str:
     """The whole RESULTS.md text."""
@@ -375,10 +408,11 @@ def results_markdown(cfg: Any, test: Any, dwsol: Any | None, summary: dict, swee
     if summary:
         keys = sorted({k for v in summary.values() for k in v})
         models = sorted(summary)
-        rows = [[k] + [f"{summary[m].get(k, float('nan')):.3f}" for m in models] for k in keys]
+        rows = [[k] + [_quantity(k, summary[m].get(k, float("nan"))) for m in models] for k in keys]
         out += ["Adversarial detection AUROC (§3b) and model-randomisation Spearman (§6: correlation of the map "
                 "with the map after re-initialising the named layer and those above it; lower = the map depends "
                 "more on the weights):", "", _table(["quantity", *models], rows), ""]
+        out += randomisation_notes(summary, cfg.evaluate.randomisation_images)
     ml = multilabel_table(test)
     if ml is not None:
         rows = test[test.method != "none"]

@@ -237,8 +237,24 @@ def test_dataset_checks_commit_per_model_and_only_for_the_check_modes(tmp_path):
     first = dataset_checks(cfg, store, manifest, paths, {}, h="h1")
     assert sorted(first) == ["erm_s0", "erm_s1"]  # scaat_s0 is not in check_modes
     assert sorted(p.name for p in (tmp_path / STAGE / CHECKS).iterdir()) == ["erm_s0", "erm_s1"]
-    assert {k for k in first["erm_s0"]} == {f"randomisation_{m}_{layer}" for m in ("gradcam", "saliency")
-                                            for layer in ("bn1", "conv1", "fc", "layer1", "layer2", "layer3")}
+    layers = ("bn1", "conv1", "fc", "layer1", "layer2", "layer3")
+    assert {k for k in first["erm_s0"]} == {f"randomisation_{m}_{w}" for m in ("gradcam", "saliency")
+                                            for w in [*layers, *(f"{v}_constant" for v in [*layers, "trained"])]}
+    # the constant-map shares are model_randomisation's own, on the same images
+    from pipelines.common import load_model, to_tensors
+    from pipelines.evaluate import explain_fn
+    from xai_core.metrics import model_randomisation
+
+    x = to_tensors({"image": arrays["image"]})["image"]
+    constant: dict = {}
+    model = load_model(cfg, store.read_bytes(paths["erm_s0"]), "erm_s0")
+    rho = model_randomisation(model, x, torch.from_numpy(arrays["label"]).long(), explain_fn(cfg, "gradcam", {}),
+                              constant=constant)
+    for w in layers:
+        assert first["erm_s0"][f"randomisation_gradcam_{w}_constant"] == pytest.approx(constant[w].float().mean())
+        assert first["erm_s0"][f"randomisation_gradcam_{w}"] == pytest.approx(torch.nanmean(rho[w]).item(),
+                                                                              nan_ok=True)
+    assert first["erm_s0"]["randomisation_gradcam_trained_constant"] == constant["trained"].float().mean()
     # a rerun (a killed evaluate) takes the committed result instead of recomputing it
     unit = tmp_path / STAGE / CHECKS / "erm_s1" / st.MANIFEST
     m = json.loads(unit.read_text())

@@ -67,6 +67,22 @@ def test_restore_puts_back_what_the_run_lacks_and_leaves_committed_units(tmp_pat
     assert keep.restore(tmp_path / "nothing-kept", fresh) == []
 
 
+def test_a_restored_stage_keeps_the_manifests_of_its_parts(tmp_path):
+    # a committed stage is one kept unit; its models / shards / checks are committed units inside it, which a
+    # stage run again (its own manifest deleted or stale) skips: restore must put their manifests back too
+    store, kept = _run(tmp_path), tmp_path / "kept"
+    _unit(store, "evaluate/checks/erm_s0", {})  # a unit that is only its manifest (the result is inside)
+    st.commit(store, "evaluate", "h1", files={})
+    st.commit(store, "train", "h1", files={})
+    keep.save(store, kept)
+    fresh = st.Storage(str(tmp_path / "fresh" / "paper"))
+    assert keep.restore(kept, fresh) == ["evaluate", "sweep", "train"]
+    for rel in ("evaluate", "evaluate/test/0", "evaluate/checks/erm_s0", "train", "train/erm_s0", "train/erm_s1"):
+        assert st.committed(fresh, rel, "h1") is not None, rel
+    assert _tree(tmp_path / "fresh" / "paper") == {k: v for k, v in _tree(tmp_path / "runs" / "paper").items()
+                                                  if not k.startswith(("ingest/", "report/"))}
+
+
 def test_precompute_rounds_are_kept_without_their_samples_once_their_model_is_committed(tmp_path):
     store, kept = _run(tmp_path), tmp_path / "kept"
     store.write_bytes(b"w", "precompute/s0_round1", "weights.parquet")

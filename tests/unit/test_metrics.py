@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from xai_core.metrics import (
+    constant_maps,
     deletion_auc,
     energy_pointing_game,
     gini,
@@ -451,6 +452,33 @@ def test_model_randomisation_cascade():
     # batched == per-sample
     per = model_randomisation(model, x[1:], t[1:], saliency_fn)
     assert all(torch.allclose(per[k][0], res[k][1], atol=1e-6) for k in res)
+
+
+def test_constant_maps_by_hand():
+    maps = torch.tensor([[[0.0, 0.0], [0.0, 0.0]], [[0.2, 0.2], [0.2, 0.2]], [[0.0, 0.0], [0.0, 1e-9]]])
+    assert constant_maps(maps).tolist() == [True, True, False]
+
+
+def test_model_randomisation_reports_the_maps_that_turn_constant():
+    # a map that is the input's channel sum while layer "3" keeps its trained weights, all zero once re-drawn
+    # (a learned mask that collapses on a random classifier): its Spearman is undefined, and says so
+    model, x, t = _rand_setup()
+    trained = model[3].weight.detach().clone()
+
+    def fn(m, xx, tt):
+        keep = torch.equal(m[3].weight, trained)
+        return xx.sum(1) if keep else torch.zeros_like(xx.sum(1))
+
+    constant: dict = {}
+    res = model_randomisation(model, x, t, fn, constant=constant)
+    assert list(constant) == ["trained", "3", "0"]
+    assert constant["trained"].tolist() == [False, False]
+    assert constant["3"].tolist() == [True, True] and constant["0"].tolist() == [True, True]
+    assert torch.isnan(res["3"]).all() and torch.isnan(res["0"]).all()
+    # and a map that varies everywhere: nothing constant, the correlations defined
+    constant = {}
+    res = model_randomisation(model, x, t, saliency_fn, constant=constant)
+    assert not any(v.any() for v in constant.values()) and not any(torch.isnan(v).any() for v in res.values())
 
 
 def test_model_randomisation_bad_layer():

@@ -73,3 +73,31 @@ def test_wsss_table_reads_the_checks_summary():
     r = t.loc[("erm_s0", "gradcam")]
     assert (r["bg_threshold (val)"], r["test_mIoU"], r["CI95_low"], r["test_images"]) == (0.3, 0.38, 0.3, 20.0)
     assert wsss_table({"random_s0": {"randomisation_gradcam_layer4": 0.1}}) is None
+
+
+def test_randomisation_notes_name_the_methods_whose_maps_turn_constant():
+    from pipelines.results import _quantity, randomisation_notes
+
+    nan = float("nan")
+    summary = {  # two models; HAF's maps all constant once fc is re-drawn, Grad-CAM never constant
+        "erm_s0": {"randomisation_gradcam_trained_constant": 0.0, "randomisation_gradcam_fc": 0.1,
+                   "randomisation_gradcam_fc_constant": 0.0,
+                   "randomisation_haf_trained_constant": 0.25, "randomisation_haf_fc": nan,
+                   "randomisation_haf_fc_constant": 1.0, "randomisation_haf_conv1": 0.3,
+                   "randomisation_haf_conv1_constant": 0.5},
+        "erm_s1": {"randomisation_gradcam_trained_constant": 0.0, "randomisation_gradcam_fc": 0.2,
+                   "randomisation_gradcam_fc_constant": 0.0,
+                   "randomisation_haf_trained_constant": 0.75, "randomisation_haf_fc": nan,
+                   "randomisation_haf_fc_constant": 1.0, "randomisation_haf_conv1": nan,
+                   "randomisation_haf_conv1_constant": 1.0},
+    }
+    lines = randomisation_notes(summary, 64)
+    notes = [line for line in lines if line.startswith("- ")]
+    assert notes == ["- haf: its map is constant on 50% of the 64 images on the trained models and, after "
+                     "re-initialising, on 75% (conv1), 100% (fc) (mean over the models). The Spearman is undefined "
+                     "on every model for fc: a map that turns constant when the weights are re-drawn does depend "
+                     "on them, but no rank correlation says how much."]
+    assert randomisation_notes({"erm_s0": summary["erm_s0"] | {"randomisation_haf_trained_constant": 0.0,
+                                                              "randomisation_haf_fc_constant": 0.0,
+                                                              "randomisation_haf_conv1_constant": 0.0}}, 64) == []
+    assert _quantity("detection_images_eps2", 300.0) == "300" and _quantity("detection_auroc_haf_eps2", 0.5) == "0.500"

@@ -16,7 +16,7 @@ from xai_core.metrics.localisation import (
     wsss_miou,
 )
 from xai_core.metrics.multilabel import average_precision_per_class, mean_average_precision
-from xai_core.metrics.sanity import model_randomisation, spearman
+from xai_core.metrics.sanity import constant_maps, model_randomisation, spearman
 from xai_core.metrics.segmentation import (
     best_background_threshold,
     miou,
@@ -39,6 +39,7 @@ __all__ = [
     "best_threshold",
     "box_hits",
     "box_iou_levels",
+    "constant_maps",
     "dataset_pxap",
     "deletion_auc",
     "detection_auroc",

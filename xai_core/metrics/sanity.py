@@ -41,6 +41,12 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _rank_corr(_centred_ranks(a), _centred_ranks(b.to(a.device)), a.dtype)
 
 
+def constant_maps(maps: torch.Tensor) -> torch.Tensor:
+    """bool [B]: True where maps[i] ([B,...]) holds one value everywhere (its rank correlations are NaN)."""
+    flat = maps.flatten(1)
+    return (flat == flat[:, :1]).all(1)
+
+
 def _centred_ranks(a: torch.Tensor) -> torch.Tensor:
     """Average ranks of each flattened sample of a [B,...], minus their mean (float64 [B,N])."""
     r = average_ranks(a.flatten(1))
@@ -80,7 +86,8 @@ def _reinit(module: nn.Module, name: str, seed: int) -> None:
 
 
 def model_randomisation(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int, explain_fn: ExplainFn,
-                        layer_order: Sequence[str] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+                        layer_order: Sequence[str] | None = None, seed: int = 0,
+                        constant: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Cascading model randomisation: {layer: Spearman [B]} of the trained map vs the randomised one.
 
     A deep copy of the model is randomised (the caller's model is never touched), layer after layer in
@@ -88,6 +95,10 @@ def model_randomisation(model: nn.Module, x: torch.Tensor, target: torch.Tensor 
     parameters, reversed), each via reset_parameters() of its submodules seeded with seed + step. After
     each step ``explain_fn(model_copy, x, target) -> [B,H,W]`` is recomputed and compared with the map of
     the untouched copy. A reliable method decorrelates. METHODS §6
+
+    A constant map (e.g. a learned mask that collapsed to empty) has no ranks: its Spearman is NaN. Pass a
+    dict as ``constant`` to learn which: it is filled with ``{"trained": bool [B], layer: bool [B], ...}``,
+    True where the trained map, or the map after that layer's step, is constant.
     """
     if isinstance(layer_order, str):
         raise ValueError(f"layer_order={layer_order!r} must be a list of module names, not a string")
@@ -102,14 +113,18 @@ def model_randomisation(model: nn.Module, x: torch.Tensor, target: torch.Tensor 
     original = explain_fn(work, x, target)
     check_maps(original, "explain_fn output")
     original = original.detach()
+    if constant is not None:
+        constant["trained"] = constant_maps(original)
     ranks = _centred_ranks(original)  # ranked once, compared with every step's map
     out: dict[str, torch.Tensor] = {}
     for step, name in enumerate(order):
         _reinit(work.get_submodule(name), name, seed + step)
         randomised = explain_fn(work, x, target)
         check_same_shape(randomised, original, "randomised map", "original map")
+        if constant is not None:
+            constant[name] = constant_maps(randomised.detach())
         out[name] = _rank_corr(ranks, _centred_ranks(randomised.detach().to(original.device)), original.dtype)
     return out
 
 
-__all__ = ["average_ranks", "model_randomisation", "spearman"]
+__all__ = ["average_ranks", "constant_maps", "model_randomisation", "spearman"]
